@@ -1,0 +1,1 @@
+"""Shared code of the TotalSegmentator --fast CPU benchmark suite (I/O, math, runtimes, reports)."""
