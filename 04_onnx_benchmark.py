@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""04: our re-implementation of the `--fast` pipeline, network run by ONNX Runtime (default session).
+
+In process, no temporary files, no worker processes; every step of DESIGN.md section 2.
+`--impl torch` runs the same pipeline with the network in torch (the exactness twin of vanilla),
+`--impl rust` the Rust binary, `--impl all` all of them interleaved case by case.
+Writes OUT/<implementation>_results.csv, OUT/onnx_report.md and OUT/SUMMARY.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.cli import add_benchmark_args, run_and_report
+
+IMPLEMENTATIONS = ("onnx", "torch", "rust")
+
+
+def pipeline_runner(implementation: str, variant: str, backend):
+    from common.bench import Runner
+    from common.pipeline import PipelineConfig, segment_file
+
+    config = PipelineConfig()
+
+    def run(input_path: Path, output_path: Path | None) -> dict:
+        result = segment_file(input_path, output_path, backend, config)
+        return {**result.timings, "n_tiles": result.n_tiles}
+
+    return Runner(implementation, variant, "exact", run)
+
+
+def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
+    from common import backends
+    from common.weights import read_model_info
+
+    runners, notes = [], []
+    info = read_model_info()
+    if "onnx" in impls:
+        backends.check_onnx_matches(Path(info.get("onnx_path", "")), info.get("checkpoint_sha256"))
+        runners.append(pipeline_runner("onnx_baseline", "ort_default", backends.make_backend("onnxruntime", threads)))
+    if "torch" in impls:
+        runners.append(pipeline_runner("torch_twin", "torch_network", backends.make_backend("torch", threads)))
+    if "rust" in impls:
+        try:
+            from common import rust_runner
+            reason = rust_runner.skip_reason()
+        except ImportError as exc:
+            reason = f"Rust runner unavailable: {exc}"
+        if reason:
+            notes.append(f"Rust-ONNX skipped: {reason}")
+            print(f"note: Rust-ONNX skipped: {reason}", file=sys.stderr)
+        else:
+            runners.append(rust_runner.benchmark_runner(threads))
+    return runners, notes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_benchmark_args(parser)
+    parser.add_argument("--impl", default="onnx", help="onnx, torch, rust or all (comma-separated; default: onnx)")
+    args = parser.parse_args(argv)
+    impls = list(IMPLEMENTATIONS) if args.impl == "all" else [i.strip() for i in args.impl.split(",")]
+    unknown = set(impls) - set(IMPLEMENTATIONS)
+    if unknown:
+        parser.error(f"unknown --impl {', '.join(sorted(unknown))}")
+    from common.weights import WeightsError
+    try:
+        runners, notes = make_runners(impls, args.threads)
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not runners:
+        print("error: nothing to run", file=sys.stderr)
+        return 1
+    return run_and_report(args, runners, "04 Python-ONNX baseline benchmark", "onnx_report.md", notes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+# Two commands: `make bench` (the whole study, 01 to 06, on the default data) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Quick by default (fits in 30 minutes on 2 cores); FULL=1 runs every case with more repeats.
+ifeq ($(FULL),1)
+BENCH_ARGS ?= --repeats 3 --warmup 1
+else
+BENCH_ARGS ?= --repeats 1 --warmup 0
+endif
+
+.PHONY: bench test setup rust clean
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+rust: $(STAMP)
+	@if [ -f rust/setup.sh ]; then bash rust/setup.sh; else echo "rust/: no setup script, Rust row skipped"; fi
+
+bench: $(STAMP) rust
+	$(PY) 01_download_data.py
+	$(PY) 02_export_model.py
+	$(PY) 03_vanilla_benchmark.py $(BENCH_ARGS)
+	$(PY) 04_onnx_benchmark.py --impl onnx,rust $(BENCH_ARGS)
+	@if [ -f 05_optimized_python_benchmark.py ]; then $(PY) 05_optimized_python_benchmark.py $(BENCH_ARGS); fi
+	@if [ -f 06_linux_production_benchmark.py ]; then $(PY) 06_linux_production_benchmark.py; fi
+	@echo "Done: see benchmarks/SUMMARY.md"
+
+test: $(STAMP) rust
+	$(PY) -m pytest -q tests
+	@if command -v cargo >/dev/null && [ -f rust/Cargo.toml ]; then cd rust && cargo test --offline --release -q; fi
+
+clean:
+	rm -rf benchmarks/outputs ct_data models

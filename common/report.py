@@ -1,0 +1,176 @@
+"""Results CSVs, per-script Markdown reports and benchmarks/SUMMARY.md."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import paths
+from common.bench import RESULT_COLUMNS
+from common.pipeline import STAGES
+
+IMPLEMENTATION_ORDER = ["vanilla", "onnx_baseline", "rust_onnx", "onnx_optimized", "production"]
+LABELS = {"vanilla": "Vanilla PyTorch (TotalSegmentator)", "onnx_baseline": "Python-ONNX (baseline)",
+          "rust_onnx": "Rust-ONNX", "onnx_optimized": "Python-ONNX (optimized)", "production": "Production"}
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def results_path(out_dir: Path, implementation: str) -> Path:
+    return Path(out_dir) / f"{implementation}_results.csv"
+
+
+def write_results(rows: list[dict], path: Path) -> Path:
+    frame = pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS)
+    return write_text_atomic(path, frame.to_csv(index=False, float_format="%.6g"))
+
+
+def read_all_results(out_dir: Path = paths.BENCHMARKS_DIR) -> pd.DataFrame:
+    frames = [pd.read_csv(p) for p in sorted(Path(out_dir).glob("*_results.csv")) if p.stat().st_size]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _fmt(value, digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def per_case_speedup(frame: pd.DataFrame, reference: str = "vanilla") -> pd.Series:
+    """Median over cases of (reference median wall / row median wall), per implementation+variant."""
+    ok = frame[frame.status == "ok"]
+    case_wall = ok.groupby(["implementation", "variant", "case_id"]).wall_s.median()
+    if reference not in ok.implementation.values:
+        return pd.Series(dtype=float)
+    ref = ok[ok.implementation == reference].groupby("case_id").wall_s.median()
+    ratios = {}
+    for (impl, variant), walls in case_wall.groupby(level=[0, 1]):
+        walls = walls.droplevel([0, 1])
+        common = walls.index.intersection(ref.index)
+        if len(common):
+            ratios[(impl, variant)] = float(np.median(ref[common] / walls[common]))
+    return pd.Series(ratios, dtype=float)
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """One line per implementation+variant: latency median/spread, stages, parity, Dice, memory."""
+    frame = frame.copy()
+    frame["variant"] = frame["variant"].fillna("")
+    speedups = per_case_speedup(frame)
+    lines = []
+    for (impl, variant), group in frame.groupby(["implementation", "variant"], sort=False):
+        ok = group[group.status == "ok"]
+        wall = ok.wall_s
+        lines.append({
+            "implementation": impl, "variant": variant, "tier": group.tier.iloc[0],
+            "cases": ok.case_id.nunique(), "runs": len(ok), "errors": int((group.status != "ok").sum()),
+            "median_s": wall.median() if len(ok) else np.nan,
+            "p25_s": wall.quantile(0.25) if len(ok) else np.nan,
+            "p75_s": wall.quantile(0.75) if len(ok) else np.nan,
+            **{stage: ok[stage].median() for stage in STAGES},
+            "speedup": speedups.get((impl, variant), np.nan),
+            "parity_agreement": ok.parity_agreement.mean(), "parity_agreement_min": ok.parity_agreement.min(),
+            "parity_dice": ok.parity_dice.mean(), "dice_gt_mean": ok.dice_gt_mean.mean(),
+            "dice_gt_spleen": ok.dice_gt_spleen.mean(), "peak_rss_mb": ok.peak_rss_mb.median(),
+            "threads": int(group.threads.iloc[0]) if group.threads.notna().any() else None,
+        })
+    table = pd.DataFrame(lines)
+    if not table.empty:
+        rank = {name: i for i, name in enumerate(IMPLEMENTATION_ORDER)}
+        table = table.sort_values(["implementation", "median_s"],
+                                  key=lambda col: col.map(rank).fillna(99) if col.name == "implementation" else col)
+    return table
+
+
+def header_lines(title: str, frame: pd.DataFrame, environment: dict | None = None) -> list[str]:
+    """Title plus the facts a reader needs before any number: weights, CPU, threads, data."""
+    from common.weights import read_model_info, weights_banner
+
+    info = read_model_info()
+    cpu = (environment or {}).get("cpu_model") or (frame.cpu_model.dropna().iloc[0]
+                                                   if "cpu_model" in frame and frame.cpu_model.notna().any() else "?")
+    threads = sorted({int(t) for t in frame.threads.dropna()}) if "threads" in frame else []
+    cases = frame.case_id.nunique() if "case_id" in frame else 0
+    return [f"# {title}", "", weights_banner(info), "",
+            f"- CPU: {cpu}; threads per run: {', '.join(map(str, threads)) or '?'}; "
+            f"affinity: {(environment or {}).get('affinity', frame.affinity.dropna().iloc[0] if 'affinity' in frame and frame.affinity.notna().any() else '?')}",
+            f"- Cases: {cases}; latency = end-to-end wall time from reading the input to the written output "
+            "(median over cases and repeats; spread = 25th–75th percentile)", ""]
+
+
+def key_results_table(summary: pd.DataFrame) -> list[str]:
+    lines = ["| Implementation | Variant | Tier | Typical latency (s) | Spread (s) | Speedup vs vanilla | "
+             "Parity vs vanilla (voxels / Dice) | Dice vs GT (mean) | Peak RSS (MB) | Cases |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for _, r in summary.iterrows():
+        lines.append(
+            f"| {LABELS.get(r.implementation, r.implementation)} | {r.variant or '–'} | {r.tier} | "
+            f"{_fmt(r.median_s)} | {_fmt(r.p25_s)}–{_fmt(r.p75_s)} | {_fmt(r.speedup, 2, 'x')} | "
+            f"{_fmt(r.parity_agreement, 5)} / {_fmt(r.parity_dice, 4)} | {_fmt(r.dice_gt_mean, 4)} | "
+            f"{_fmt(r.peak_rss_mb, 0)} | {r.cases}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
+    return lines
+
+
+def stage_table(summary: pd.DataFrame) -> list[str]:
+    lines = ["| Implementation | Variant | " + " | ".join(s.replace("_s", " (s)") for s in STAGES) + " |",
+             "| --- | --- |" + " ---: |" * len(STAGES)]
+    for _, r in summary.iterrows():
+        lines.append(f"| {r.implementation} | {r.variant or '–'} | " +
+                     " | ".join(_fmt(r[s]) for s in STAGES) + " |")
+    return lines
+
+
+def per_case_table(frame: pd.DataFrame) -> list[str]:
+    lines = ["| Case | Implementation | Variant | Status | Wall (s) | Tiles | Peak RSS (MB) | Parity | Dice GT |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for _, r in frame.sort_values(["case_id", "implementation"]).iterrows():
+        status = r.status if r.status == "ok" else f"error: {r.error}"
+        lines.append(f"| {r.case_id} | {r.implementation} | {r.variant if isinstance(r.variant, str) else '–'} | "
+                     f"{status} | {_fmt(r.wall_s)} | {_fmt(r.n_tiles, 0)} | {_fmt(r.peak_rss_mb, 0)} | "
+                     f"{_fmt(r.parity_agreement, 5)} | {_fmt(r.dice_gt_mean, 4)} |")
+    return lines
+
+
+def write_script_report(path: Path, title: str, frame: pd.DataFrame, environment: dict,
+                        notes: list[str] = ()) -> Path:
+    summary = summarize(frame)
+    text = header_lines(title, frame, environment) + ["## Results", ""] + key_results_table(summary) + \
+        ["", "## Stage breakdown (median seconds)", ""] + stage_table(summary) + \
+        ["", "## Per case", ""] + per_case_table(frame) + ["", *notes, "", "## Environment", "", "```",
+                                                        *[f"{k}: {v}" for k, v in environment.items()], "```"]
+    return write_text_atomic(path, "\n".join(text) + "\n")
+
+
+def write_summary(out_dir: Path = paths.BENCHMARKS_DIR, environment: dict | None = None) -> Path:
+    """benchmarks/SUMMARY.md from every *_results.csv present."""
+    frame = read_all_results(out_dir)
+    summary = summarize(frame) if not frame.empty else pd.DataFrame()
+    text = header_lines("TotalSegmentator --fast on CPU: Key Results", frame, environment)
+    if summary.empty:
+        text.append("No results yet: run the numbered scripts (README).")
+    else:
+        text += ["## Key Results", ""] + key_results_table(summary) + \
+            ["", "Speedup = median over cases of (vanilla wall / this wall), both measured in the same run setup. "
+             "Parity = fraction of voxels with vanilla's label, and mean per-class Dice vs vanilla. "
+             "Exact tier = same math as vanilla (float rounding only); approximate tier changes the math.", "",
+             "## Stage breakdown (median seconds)", ""] + stage_table(summary)
+    return write_text_atomic(Path(out_dir) / "SUMMARY.md", "\n".join(text) + "\n")

@@ -1,0 +1,98 @@
+"""Shared fixtures: the real CTs in ../shared/data, stand-in weights, the exported ONNX model, and
+vanilla TotalSegmentator outputs (computed once per session, cached per input)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from common import paths  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    folder = paths.shared_data_dir()
+    if not (folder / "example_ct.nii.gz").is_file():
+        pytest.skip(f"real CTs not found in {folder} (set TSBENCH_SHARED_DATA to the shared/data folder)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def threads() -> int:
+    from common.env import apply_threads, default_threads
+
+    n = default_threads()
+    apply_threads(n)
+    return n
+
+
+@pytest.fixture(scope="session")
+def stand_in():
+    """Stand-in weights in the project's models/ (reused between runs; written when absent)."""
+    from common.weights import ensure_weights
+
+    return ensure_weights("stand-in")
+
+
+@pytest.fixture(scope="session")
+def onnx_model(stand_in, threads) -> Path:
+    """models/totalseg_fast.onnx exported from the stand-in (reused when its checkpoint hash matches)."""
+    from common.backends import onnx_checkpoint_sha
+    from common.export import export_onnx
+
+    path = paths.ONNX_MODEL
+    if not path.is_file() or onnx_checkpoint_sha(path) != stand_in.sha256:
+        export_onnx(stand_in, path)
+    return path
+
+
+class VanillaCache:
+    """Runs TotalSegmentator once per input file and keeps the output for every test that needs it."""
+
+    def __init__(self, folder: Path, threads: int):
+        self.folder, self.threads, self.done = folder, threads, {}
+
+    def __call__(self, image: Path) -> Path:
+        from common.vanilla import run_vanilla
+
+        key = str(image)
+        if key not in self.done:
+            out = self.folder / f"vanilla_{len(self.done)}_{image.name}"
+            run_vanilla(image, out, self.threads)
+            self.done[key] = out
+        return self.done[key]
+
+
+@pytest.fixture(scope="session")
+def vanilla(tmp_path_factory, stand_in, threads) -> VanillaCache:
+    return VanillaCache(tmp_path_factory.mktemp("vanilla"), threads)
+
+
+@pytest.fixture(scope="session")
+def generated_volumes(tmp_path_factory) -> dict[str, Path]:
+    """Phantom CTs on grids the shared data lacks: non-RAS + anisotropic, already 3 mm, and an 8-tile one."""
+    import nibabel as nib
+
+    from common.phantoms import make_phantom
+
+    folder = tmp_path_factory.mktemp("generated")
+    specs = {
+        # LPS storage, 0.7 x 0.7 x 5 mm: a typical thick-slice abdominal CT, small enough for 1-2 tiles
+        "lps_anisotropic": ((220, 200, 40), (0.7, 0.7, 5.0), "LPS"),
+        # already on the 3 mm grid: change_spacing is skipped on the way in and out
+        "ras_3mm": ((100, 90, 60), (3.0, 3.0, 3.0), "RAS"),
+        # 137 x 137 x 150 at 3 mm after resampling: 2 x 2 x 2 = 8 tiles at step 0.8
+        "eight_tiles": ((514, 514, 300), (0.8, 0.8, 1.5), "LPS"),
+    }
+    out = {}
+    for name, (shape, spacing, orientation) in specs.items():
+        hu, _, affine = make_phantom(shape, spacing, orientation, seed=7)
+        path = folder / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(hu, affine), path)
+        out[name] = path
+    return out
