@@ -17,30 +17,19 @@ from common.cli import add_benchmark_args, run_and_report
 IMPLEMENTATIONS = ("onnx", "torch", "rust")
 
 
-def pipeline_runner(implementation: str, variant: str, backend):
-    from common.bench import Runner
-    from common.pipeline import PipelineConfig, segment_file
-
-    config = PipelineConfig()
-
-    def run(input_path: Path, output_path: Path | None) -> dict:
-        result = segment_file(input_path, output_path, backend, config)
-        return {**result.timings, "n_tiles": result.n_tiles}
-
-    return Runner(implementation, variant, "exact", run)
-
-
 def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
     from common import backends
+    from common.variants import Variant, get_variant, make_pipeline_runner
     from common.weights import read_model_info
 
     runners, notes = [], []
     info = read_model_info()
     if "onnx" in impls:
         backends.check_onnx_matches(Path(info.get("onnx_path", "")), info.get("checkpoint_sha256"))
-        runners.append(pipeline_runner("onnx_baseline", "ort_default", backends.make_backend("onnxruntime", threads)))
+        runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads))
     if "torch" in impls:
-        runners.append(pipeline_runner("torch_twin", "torch_network", backends.make_backend("torch", threads)))
+        twin = Variant("torch_network", "exact", "torch", "the same pipeline, network run by torch")
+        runners.append(make_pipeline_runner("torch_twin", twin, threads))
     if "rust" in impls:
         try:
             from common import rust_runner
