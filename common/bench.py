@@ -31,9 +31,9 @@ class Runner:
     run: Callable[[Path, Path], dict]
 
     def output_path(self, out_dir: Path, case_id: str) -> Path:
-        folder = self.implementation if self.variant in ("", "default", self.implementation) \
-            else f"{self.implementation}/{self.variant}"
-        return out_dir / "outputs" / folder / f"{case_id}.nii.gz"
+        if self.implementation == "vanilla":
+            return vanilla_output(out_dir, case_id)
+        return out_dir / "outputs" / self.implementation / self.variant / f"{case_id}.nii.gz"
 
 
 def vanilla_output(out_dir: Path, case_id: str) -> Path:

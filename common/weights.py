@@ -23,7 +23,10 @@ MODEL_FOLDER = f"{TRAINER}__nnUNetPlans__3d_fullres"
 CHECKPOINT = "fold_0/checkpoint_final.pth"
 STAND_IN_MARKER = "TSBENCH_STAND_IN.json"
 STAND_IN_SEED = 297
-WEIGHTS_URL = f"https://github.com/wasserth/TotalSegmentator/releases/download/v2.0.0-weights/{DATASET_FOLDER}.zip"
+# Where TotalSegmentator downloads Dataset297 from; the override only changes the reachability probe (tests).
+WEIGHTS_URL = os.environ.get(
+    "TSBENCH_WEIGHTS_URL",
+    f"https://github.com/wasserth/TotalSegmentator/releases/download/v2.0.0-weights/{DATASET_FOLDER}.zip")
 
 PATCH_SIZE = (112, 112, 128)  # (z, y, x) of the canonical image, as nnU-Net sees it
 SPACING_MM = 3.0

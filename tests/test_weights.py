@@ -1,0 +1,128 @@
+"""Stand-in weights, TotalSegmentator on them, ONNX export parity, and refusal of bad checkpoints/models."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from common import paths, weights
+from common.weights import WeightsError
+
+ROOT = paths.REPO_ROOT
+
+
+def test_stand_in_has_the_real_layout(stand_in):
+    folder = stand_in.model_dir
+    assert folder.name == "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"
+    assert folder.parent.name == "Dataset297_TotalSegmentator_total_3mm_1559subj"
+    labels = json.loads((folder / "dataset.json").read_text())["labels"]
+    assert len(labels) == 118 and labels["background"] == 0 and labels["spleen"] == 1
+    plans = json.loads((folder / "plans.json").read_text())["configurations"]["3d_fullres"]
+    assert plans["patch_size"] == [112, 112, 128] and plans["spacing"] == [3.0, 3.0, 3.0]
+    config = json.loads((paths.totalseg_home() / "config.json").read_text())
+    assert config["send_usage_stats"] is False
+
+
+def test_stand_in_is_deterministic(tmp_path, stand_in):
+    again = weights.write_stand_in(tmp_path / "home")
+    a = torch.load(stand_in.checkpoint, weights_only=False)["network_weights"]
+    b = torch.load(again.checkpoint, weights_only=False)["network_weights"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert 16.0e6 < weights.count_parameters(weights.load_network(again)) < 17.0e6  # DESIGN.md: about 16.6 M
+
+
+def test_stand_in_loads_with_nnunet_predictor(stand_in):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.8, use_gaussian=True, use_mirroring=False,
+                                device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(stand_in.model_dir), use_folds=(0,))
+    assert predictor.label_manager.num_segmentation_heads == 118
+    with torch.inference_mode():
+        logits = predictor.network(torch.zeros(1, 1, 32, 32, 32))
+    assert tuple(logits.shape) == (1, 118, 32, 32, 32)
+
+
+def test_totalsegmentator_runs_offline_on_the_stand_in(shared_data, vanilla):
+    image = shared_data / "example_ct_sm.nii.gz"
+    out = nib.load(vanilla(image))
+    source = nib.load(image)
+    assert out.shape == source.shape and np.allclose(out.affine, source.affine)
+    assert out.get_data_dtype() == np.uint8
+    assert np.asanyarray(out.dataobj).max() <= 117
+
+
+def test_onnx_export_matches_torch_on_a_real_ct_patch(stand_in, onnx_model, threads, shared_data):
+    from common.export import verify_export
+
+    check = verify_export(stand_in, onnx_model, threads)
+    print(f"max |logit diff| {check.max_abs_diff:.3g}, argmax agreement {check.argmax_agreement:.6f}")
+    assert check.source.endswith("example_ct.nii.gz")
+    assert check.argmax_agreement >= 0.999
+    assert check.max_abs_diff < 0.05
+
+
+def _copy_home(stand_in, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(stand_in.model_dir, weights.model_dir(home))
+    return home, weights.existing_weights(home)
+
+
+def test_truncated_checkpoint_is_a_clear_error(stand_in, tmp_path):
+    home, copy = _copy_home(stand_in, tmp_path)
+    data = copy.checkpoint.read_bytes()
+    copy.checkpoint.write_bytes(data[: len(data) // 3])
+    with pytest.raises(WeightsError, match="unreadable"):
+        weights.load_network(weights.existing_weights(home))
+
+
+def test_mismatched_checkpoint_is_a_clear_error(stand_in, tmp_path):
+    home, copy = _copy_home(stand_in, tmp_path)
+    checkpoint = torch.load(copy.checkpoint, weights_only=False)
+    key = next(k for k in checkpoint["network_weights"] if k.endswith("seg_layers.3.weight"))
+    checkpoint["network_weights"][key] = torch.zeros(5, 32, 1, 1, 1)  # a 5-class head, not 118
+    torch.save(checkpoint, copy.checkpoint)
+    with pytest.raises(WeightsError, match="does not match the Dataset297 architecture"):
+        weights.load_network(weights.existing_weights(home))
+
+
+def test_onnx_from_another_checkpoint_is_refused(onnx_model):
+    from common.backends import check_onnx_matches
+
+    check_onnx_matches(onnx_model, weights.existing_weights().sha256)  # the right one passes
+    with pytest.raises(WeightsError, match="not the current one"):
+        check_onnx_matches(onnx_model, "0" * 64)
+
+
+def _run_02(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "02_export_model.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_real_weights_without_network_fail_in_one_line(tmp_path):
+    onnx = tmp_path / "model.onnx"
+    result = _run_02("--weights", "real", "--home", str(tmp_path / "home"), "--onnx", str(onnx),
+                     "--skip-shape-study", env_extra={"TSBENCH_WEIGHTS_URL": "http://127.0.0.1:9/weights.zip"})
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not download the real weights" in errors[0]
+    assert not onnx.exists()
+    assert not (weights.weights_dir(tmp_path / "home") / weights.DATASET_FOLDER).exists()
+
+
+def test_export_of_a_truncated_checkpoint_leaves_nothing(stand_in, tmp_path):
+    home, copy = _copy_home(stand_in, tmp_path)
+    copy.checkpoint.write_bytes(copy.checkpoint.read_bytes()[:1000])
+    onnx = tmp_path / "models" / "model.onnx"
+    result = _run_02("--weights", "stand-in", "--home", str(home), "--onnx", str(onnx), "--skip-shape-study")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "unreadable" in result.stderr
+    assert not onnx.exists() and not any(onnx.parent.glob("*")) if onnx.parent.exists() else True
