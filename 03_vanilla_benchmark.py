@@ -10,23 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
 from common.cli import add_benchmark_args, run_and_report
-
-
-def vanilla_runner(threads: int):
-    from common.bench import Runner
-    from common.vanilla import run_vanilla
-
-    def run(input_path: Path, output_path: Path | None) -> dict:
-        if output_path is None:  # warm-up
-            with tempfile.TemporaryDirectory() as tmp:
-                return run_vanilla(input_path, Path(tmp) / "warmup.nii.gz", threads)
-        return run_vanilla(input_path, output_path, threads)
-
-    return Runner("vanilla", "totalsegmentator", "exact", run)
+from common.vanilla import vanilla_runner
 
 
 def main(argv=None) -> int:

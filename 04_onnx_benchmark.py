@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_args(parser)
     parser.add_argument("--impl", default="onnx", help="onnx, torch, rust or all (comma-separated; default: onnx)")
+    parser.add_argument("--with-vanilla", action="store_true",
+                        help="also run TotalSegmentator, interleaved case by case, so ratios come from one run")
     args = parser.parse_args(argv)
     impls = list(IMPLEMENTATIONS) if args.impl == "all" else [i.strip() for i in args.impl.split(",")]
     unknown = set(impls) - set(IMPLEMENTATIONS)
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
     if not runners:
         print("error: nothing to run", file=sys.stderr)
         return 1
+    if args.with_vanilla:
+        from common.vanilla import vanilla_runner
+        runners.insert(0, vanilla_runner(args.threads))
     return run_and_report(args, runners, "04 Python-ONNX baseline benchmark", "onnx_report.md", notes)
 
 

@@ -44,3 +44,18 @@ def run_vanilla(input_path: Path, output_path: Path, threads: int, quiet: bool =
     finally:
         tmp.unlink(missing_ok=True)
     return {"wall_s": wall}
+
+
+def vanilla_runner(threads: int):
+    """The bench.Runner for TotalSegmentator (warm-up runs write to a temporary folder)."""
+    import tempfile
+
+    from common.bench import Runner
+
+    def run(input_path: Path, output_path: Path | None) -> dict:
+        if output_path is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                return run_vanilla(input_path, Path(tmp) / "warmup.nii.gz", threads)
+        return run_vanilla(input_path, output_path, threads)
+
+    return Runner("vanilla", "totalsegmentator", "exact", run)
