@@ -1,4 +1,8 @@
-"""Peak resident memory of this process and its children while a block runs (sampled)."""
+"""Peak memory of this process and its children while a block runs (sampled).
+
+With worker processes (TotalSegmentator spawns several) summed RSS counts shared pages once per
+process; the proportional set size (PSS) splits them, so the tree's sum is what it really holds.
+"""
 from __future__ import annotations
 
 import threading
@@ -7,7 +11,7 @@ import psutil
 
 
 class PeakMemory:
-    """`with PeakMemory() as peak: ...; peak.mb` -- RSS of the process tree, sampled every `interval` s."""
+    """`with PeakMemory() as peak: ...; peak.mb` -- RSS alone, or PSS summed over the tree with children."""
 
     def __init__(self, interval: float = 0.05):
         self.interval = interval
@@ -16,11 +20,14 @@ class PeakMemory:
         self._process = psutil.Process()
 
     def _tree_rss(self) -> int:
+        children = self._process.children(recursive=True)
+        if not children:
+            return self._process.memory_info().rss
         total = 0
-        for proc in [self._process, *self._process.children(recursive=True)]:
+        for proc in [self._process, *children]:
             try:
-                total += proc.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
                 pass
         return total
 

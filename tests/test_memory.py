@@ -1,0 +1,26 @@
+"""Peak memory sampling sees an allocation made inside the block, in this process and in a child."""
+import subprocess
+import sys
+
+import numpy as np
+
+from common.memory import PeakMemory
+
+
+def test_peak_memory_sees_a_300_mb_allocation():
+    with PeakMemory() as before:
+        pass
+    with PeakMemory(interval=0.01) as peak:
+        block = np.ones(300 * 2**20 // 8)
+        block.sum()
+        del block
+    assert peak.mb - before.mb > 250
+
+
+def test_peak_memory_counts_a_child_process():
+    code = "import numpy as np, time; a = np.ones(200 * 2**20 // 8); a.sum(); time.sleep(0.5)"
+    with PeakMemory() as alone:
+        pass
+    with PeakMemory(interval=0.02) as peak:
+        subprocess.run([sys.executable, "-c", code], check=True)
+    assert peak.mb - alone.mb > 150
