@@ -24,7 +24,7 @@ rust: $(STAMP)
 	@if [ -f rust/setup.sh ]; then bash rust/setup.sh; else echo "rust/: no setup script, Rust row skipped"; fi
 
 bench: $(STAMP) rust
-	$(PY) 01_download_data.py
+	$(PY) 01_download_data.py $(if $(wildcard ../shared/data/example_ct.nii.gz),--from-dir ../shared/data)
 	$(PY) 02_export_model.py
 	$(PY) 03_vanilla_benchmark.py $(BENCH_ARGS)
 	$(PY) 04_onnx_benchmark.py --impl onnx,rust $(BENCH_ARGS)

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""06: the best variants under Linux production conditions, and the winner as a tool.
+
+Benchmark mode (default):
+    python 06_linux_production_benchmark.py [--max-cases N] [--repeats R] [--max-threads N] ...
+  reads the CPU topology (affinity, SMT, L3 domains, NUMA), sweeps the best exact and approximate
+  variants of 05 over 1..N pinned threads (latency), W workers x T threads on disjoint L3-aware
+  CPU sets (throughput, cases/hour), measures a cold start (new process to first output) and the
+  peak RSS per worker, and writes benchmarks/production_report.md (+ PNG plots, sweep CSVs,
+  production_results.csv) and SUMMARY.md with a recommendation derived from the numbers.
+
+Segment mode (the study's result as a tool):
+    python 06_linux_production_benchmark.py segment IN.nii.gz [IN2 ... | FOLDER] -o OUT_DIR
+        [--variant NAME] [--threads N] [--cpus LIST]
+  writes TotalSegmentator-compatible multilabel NIfTI files (uint8, input grid/affine/header).
+
+Heavy imports live inside functions: pinned children (multiprocessing "spawn") re-import this file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common import paths
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", type=Path, default=paths.DEFAULT_MANIFEST,
+                        help="cases (written by 01_download_data.py; default: %(default)s)")
+    parser.add_argument("--cases", default="", help="comma-separated case ids (default: the smallest --max-cases)")
+    parser.add_argument("--max-cases", type=int, default=1,
+                        help="number of smallest cases (by voxel count) when --cases is not given (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case and point (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs in each pinned process before timing (default: %(default)s)")
+    parser.add_argument("--max-threads", type=int, default=0,
+                        help="largest thread count / CPUs used (default: all CPUs in the affinity mask)")
+    parser.add_argument("--threads-list", default="",
+                        help="thread counts to sweep, e.g. 1,2,4,8 (default: 1..N, or powers of two + L3/NUMA "
+                             "sizes + N on large machines)")
+    parser.add_argument("--combos", default="",
+                        help="W x T combinations for the throughput sweep, e.g. 2x1,1x2 (default: W = N // T "
+                             "for every swept T)")
+    parser.add_argument("--variants", default="",
+                        help="variants to sweep, comma-separated (default: best exact and best approximate "
+                             "from 05's results, else ort_default); the first one is used for the throughput sweep")
+    parser.add_argument("--cold-repeats", type=int, default=1, help="cold starts to measure (default: %(default)s)")
+    parser.add_argument("--memory-limit-mb", type=float, default=None,
+                        help="memory available to workers (default: what the OS reports available); a W that "
+                             "would not fit is refused")
+    parser.add_argument("--out", type=Path, default=paths.BENCHMARKS_DIR, help="report folder (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def select_cases(args) -> list:
+    from common.data import DataError, read_manifest
+    from common.production import smallest_cases
+
+    if not Path(args.manifest).is_file():
+        raise SystemExit(f"error: manifest {args.manifest} not found: run `python 01_download_data.py` first")
+    try:
+        cases = read_manifest(args.manifest)
+    except (DataError, OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"error: cannot read manifest {args.manifest}: {exc}")
+    if args.cases:
+        known = {c.case_id: c for c in cases}
+        wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in known]
+        if unknown:
+            raise SystemExit(f"error: unknown case ids {', '.join(unknown)} (manifest has {', '.join(known)})")
+        cases = [known[c] for c in wanted]
+    else:
+        cases = smallest_cases(cases, max(1, args.max_cases))
+    missing = [str(c.image) for c in cases if not Path(c.image).is_file()]
+    if missing:
+        raise SystemExit(f"error: case images missing: {', '.join(missing)}")
+    return cases
+
+
+def benchmark(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.cold_repeats < 0 or args.max_threads < 0:
+        return fail("--repeats must be >= 1, --warmup, --cold-repeats and --max-threads >= 0")
+    started = time.time()
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from common import backends, production, report
+    from common.env import environment_record
+    from common.topology import read_topology
+    from common.variants import get_variant
+    from common.weights import WeightsError, read_model_info
+
+    topology = read_topology()
+    n_cpus = min(args.max_threads or len(topology.cpus), len(topology.cpus))
+    try:
+        thread_counts = sorted({int(t) for t in args.threads_list.split(",") if t.strip()}) if args.threads_list \
+            else production.default_thread_counts(topology, n_cpus)
+        combos = production.parse_combos(args.combos) if args.combos \
+            else production.default_combos(thread_counts, n_cpus)
+    except ValueError as exc:
+        return fail(str(exc))
+    bad = [t for t in thread_counts if t < 1 or t > len(topology.cpus)]
+    if bad:
+        return fail(f"thread counts {bad} outside 1..{len(topology.cpus)} (CPUs in the affinity mask)")
+
+    choice = production.choose_variants(args.out)
+    if args.variants:
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        choice.note = f"variants chosen with --variants ({choice.note})"
+    else:
+        names = [choice.exact] + ([choice.approximate] if choice.approximate else [])
+    try:
+        tiers = {name: get_variant(name).tier for name in names}
+    except KeyError as exc:
+        return fail(exc.args[0])
+    info = read_model_info()
+    try:
+        backends.check_onnx_matches(Path(info.get("onnx_path") or backends.paths.ONNX_MODEL),
+                                    info.get("checkpoint_sha256"))
+    except WeightsError as exc:
+        return fail(str(exc))
+
+    cases = select_cases(args)
+    env = environment_record(n_cpus)
+    settings = production.Settings(variants=names, tiers=tiers, cases=cases, thread_counts=thread_counts,
+                                   combos=combos, repeats=args.repeats, warmup=args.warmup,
+                                   cold_repeats=args.cold_repeats, out_dir=args.out,
+                                   available_mb=args.memory_limit_mb, progress=not args.no_progress)
+    print(f"06: {len(topology.cpus)} CPUs ({topology.model_name}), {len(topology.l3_domains)} L3 domain(s), "
+          f"{len(topology.numa_nodes)} NUMA node(s); variants {', '.join(names)}; threads {thread_counts}; "
+          f"W x T {', '.join(f'{w}x{t}' for w, t in combos)}; cases {', '.join(c.case_id for c in cases)}",
+          file=sys.stderr)
+    print(f"06: {choice.note}", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    total = len(names) * len(thread_counts) + len(combos) + args.cold_repeats
+    with tqdm(total=total, desc="06 production", unit="step", disable=args.no_progress) as bar:
+        latency = production.latency_sweep(settings, topology, bar)
+        report.write_text_atomic(args.out / "production_latency_sweep.csv", latency.to_csv(index=False, float_format="%.6g"))
+        throughput, items = production.throughput_sweep(settings, topology, names[0], latency, bar,
+                                                        log=lambda m: bar.write(m, file=sys.stderr))
+        report.write_text_atomic(args.out / "production_throughput_sweep.csv",
+                                 throughput.to_csv(index=False, float_format="%.6g"))
+        report.write_text_atomic(args.out / "production_throughput_items.csv",
+                                 items.to_csv(index=False, float_format="%.6g"))
+        table = production.latency_table(latency) if not latency.empty else pd.DataFrame()
+        cold_rows = []
+        ok_lat = table[(table.status == "ok") & (table.variant == names[0])] if not table.empty else table
+        if args.cold_repeats and not ok_lat.empty:
+            best = ok_lat.sort_values("median_s").iloc[0]
+            cpus = production.plan_worker_cpusets(topology, 1, int(best.threads))[0]
+            for _ in range(args.cold_repeats):
+                bar.set_postfix_str(f"cold start {names[0]} T={int(best.threads)}")
+                cold_rows.append(production.cold_start(cases[0], names[0], int(best.threads), cpus, args.out))
+                bar.update()
+        cold = pd.DataFrame(cold_rows)
+        report.write_text_atomic(args.out / "production_cold_start.csv", cold.to_csv(index=False, float_format="%.6g"))
+
+    rec = production.recommend(latency, throughput, cold, topology, choice, env)
+    rows = production.production_rows(rec, latency, items, cases, env, args.out) if rec else []
+    report.write_results(rows, report.results_path(args.out, "production"))
+    plots = {"latency": production.plot_latency(table, args.out / "production_latency.png") if not table.empty else None,
+             "throughput": production.plot_throughput(throughput, args.out / "production_throughput.png")}
+    path = production.write_report(args.out / "production_report.md", topology=topology, env=env, settings=settings,
+                                   choice=choice, latency=latency, throughput=throughput, cold=cold, rec=rec,
+                                   plots=plots, elapsed_s=time.time() - started)
+    report.write_text_atomic(args.out / report.PRODUCTION_RECOMMENDATION,
+                             production.recommendation_markdown(rec, settings))
+    summary = report.write_summary(args.out, env)
+
+    errors = []
+    if not latency.empty:
+        errors += [f"latency {r.variant} T={r.threads}: {r.error}" for r in latency.itertuples() if r.status != "ok"]
+    if not throughput.empty:
+        errors += [f"throughput {r.workers}x{r.threads}: {r.message}" for r in throughput.itertuples()
+                   if r.status in ("error", "partial")]
+    errors += [f"cold start: {r['error']}" for r in cold_rows if r["status"] != "ok"]
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    if rec:
+        print("\n".join(rec.text))
+        print("Reproduce:\n  " + "\n  ".join(production.reproduce_lines(rec)))
+    print(f"Wrote {path}, {summary} and production CSVs/plots in {args.out} ({(time.time() - started) / 60:.1f} min)")
+    return 1 if errors or rec is None else 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "segment":
+        from common.segment_cli import main as segment_main
+
+        return segment_main(argv[1:])
+    if argv and argv[0] == "benchmark":
+        argv = argv[1:]
+    return benchmark(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

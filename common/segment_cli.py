@@ -1,0 +1,189 @@
+"""Segment mode: the study's winner as a tool.
+
+    python 06_linux_production_benchmark.py segment IN.nii.gz [IN2 ... | FOLDER ...] -o OUT_DIR
+        [--variant NAME] [--threads N] [--cpus LIST]
+
+Writes one TotalSegmentator-compatible multilabel NIfTI per input (uint8, the input's grid, affine
+and header) as ``OUT_DIR/<input name>.nii.gz``, written under a temporary name and renamed when
+complete. A bad input costs one ``error: <file>: <reason>`` line; the others go on; the exit code
+is 1 if any input failed, 2 for a usage or setup error, 0 otherwise.
+
+Heavy imports (numpy, onnxruntime) happen only after the CPU affinity and thread variables are
+set, so their thread pools start on the CPUs asked for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+FALLBACK_VARIANT = "ort_default"
+_T0 = time.time()  # as close to process start as this module can see
+
+
+def nifti_stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given; folders expand to their (non-hidden) ``*.nii``/``*.nii.gz`` files, sorted.
+
+    Returns (files, errors) where errors are (input, reason) for folders without any NIfTI file.
+    """
+    files: list[Path] = []
+    errors: list[tuple[str, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES))
+            if not found:
+                errors.append((item, "folder holds no .nii or .nii.gz file"))
+            files.extend(found)
+        else:
+            files.append(path)  # existence and format are checked by common.io when it is processed
+    return files, errors
+
+
+def output_for(input_path: Path, out_dir: Path) -> Path:
+    return out_dir / f"{nifti_stem(input_path)}.nii.gz"
+
+
+def default_variant(out_dir: Path | None = None) -> tuple[str, str]:
+    """(variant name, why): the best exact variant of 05's results, else ort_default."""
+    try:
+        from common.production import choose_variants
+
+        selection = choose_variants(out_dir)
+        return selection.exact, selection.note
+    except Exception as exc:  # noqa: BLE001 - an unreadable results file must not stop segmentation
+        return FALLBACK_VARIANT, f"could not read 05 results ({type(exc).__name__}): using {FALLBACK_VARIANT}"
+
+
+def _reason(exc: BaseException, path: Path) -> str:
+    """One line, without the path prefix that common.io puts in front of its messages."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for prefix in (f"{path}: ", f"{path.absolute()}: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    from common.io import InputError
+
+    if not isinstance(exc, InputError):
+        text = f"{type(exc).__name__}: {text}"
+    return text[:300]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="06_linux_production_benchmark.py segment",
+        description="Segment CT volumes with the study's recommended variant (TotalSegmentator --fast, "
+                    "multilabel output: uint8 on the input grid, input affine and header).")
+    parser.add_argument("inputs", nargs="+", help="NIfTI files (.nii/.nii.gz) or folders of them")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
+    parser.add_argument("--variant", default=None,
+                        help="pipeline variant (default: the best exact variant in benchmarks/onnx_optimized_"
+                             "results.csv, else ort_default)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="inference threads (default: CPUs in the affinity mask, after --cpus)")
+    parser.add_argument("--cpus", default=None, help="pin this process to these CPUs first, e.g. 0-3 or 0,2")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--timings-json", type=Path, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from common.topology import format_cpu_list, parse_cpu_list
+
+    if args.cpus:
+        try:
+            cpus = parse_cpu_list(args.cpus)
+            os.sched_setaffinity(0, cpus)
+        except (ValueError, OSError) as exc:
+            print(f"error: --cpus {args.cpus}: {exc}", file=sys.stderr)
+            return 2
+    affinity = sorted(os.sched_getaffinity(0))
+    threads = args.threads or len(affinity)
+    if threads < 1:
+        print(f"error: --threads must be >= 1 (got {threads})", file=sys.stderr)
+        return 2
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+    files, errors = expand_inputs(args.inputs)
+    for item, reason in errors:
+        print(f"error: {item}: {reason}", file=sys.stderr)
+
+    from common.variants import get_variant, make_pipeline_runner  # heavy imports start here
+
+    note = ""
+    name = args.variant
+    if name is None:
+        name, note = default_variant()
+    try:
+        variant = get_variant(name)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    imports_done = time.time()
+    try:
+        if variant.backend == "onnxruntime":
+            from common import backends, paths
+            from common.weights import read_model_info
+
+            info = read_model_info()
+            model = variant.backend_options.get("model_path") or info.get("onnx_path") or paths.ONNX_MODEL
+            backends.check_onnx_matches(Path(model), info.get("checkpoint_sha256"))
+        runner = make_pipeline_runner("production", variant, threads)
+    except Exception as exc:  # noqa: BLE001 - a setup failure is one line, not a traceback
+        print(f"error: cannot build variant {variant.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr)
+        return 2
+    session_done = time.time()
+    print(f"segment: variant {variant.name} ({variant.tier}), {threads} threads on CPUs {format_cpu_list(affinity)}"
+          + (f"; {note}" if note else ""), file=sys.stderr)
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    failed = len(errors)
+    seen: dict[Path, Path] = {}
+    per_file = []
+    from tqdm import tqdm
+
+    bar = tqdm(files, desc="segment", unit="case", disable=args.no_progress, file=sys.stderr)
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        output = output_for(path, args.output)
+        try:
+            if output.resolve() == path.resolve():
+                raise ValueError("output would overwrite the input: choose another -o folder")
+            if output in seen:
+                raise ValueError(f"same output name as {seen[output]} ({output.name}): rename one of them")
+            seen[output] = path
+            start = time.time()
+            timings = runner.run(path, output)
+            per_file.append({"input": str(path), "output": str(output), "start": start, "end": time.time(),
+                             **timings})
+            bar.write(f"ok: {path} -> {output} ({timings.get('wall_s', time.time() - start):.1f} s)",
+                      file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - one line per bad input, then the next one
+            failed += 1
+            bar.write(f"error: {path}: {_reason(exc, path)}", file=sys.stderr)
+    bar.close()
+    if args.timings_json:
+        args.timings_json.write_text(json.dumps({
+            "module_loaded": _T0, "imports_done": imports_done, "session_done": session_done,
+            "session_s": session_done - imports_done, "variant": variant.name, "threads": threads,
+            "cpus": format_cpu_list(affinity), "files": per_file}))
+    total = len(files) + len(errors)
+    print(f"segment: {total - failed} of {total} inputs written to {args.output}"
+          + (f", {failed} failed" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
