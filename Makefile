@@ -6,8 +6,12 @@ STAMP  := $(VENV)/.installed
 # Quick by default (fits in 30 minutes on 2 cores); FULL=1 runs every case with more repeats.
 ifeq ($(FULL),1)
 BENCH_ARGS ?= --repeats 3 --warmup 1
+OPT_ARGS   ?=
+PROD_ARGS  ?= --max-cases 3 --repeats 3
 else
 BENCH_ARGS ?= --repeats 1 --warmup 0
+OPT_ARGS   ?= --max-cases 2 --variants ort_tuned_fast,ov_f32_fast,ov_bf16_fast,ov_bf16_bodycrop,ov_int8_fast
+PROD_ARGS  ?=
 endif
 
 .PHONY: bench test setup rust clean
@@ -28,8 +32,8 @@ bench: $(STAMP) rust
 	$(PY) 02_export_model.py
 	$(PY) 03_vanilla_benchmark.py $(BENCH_ARGS)
 	$(PY) 04_onnx_benchmark.py --impl onnx,rust $(BENCH_ARGS)
-	@if [ -f 05_optimized_python_benchmark.py ]; then $(PY) 05_optimized_python_benchmark.py $(BENCH_ARGS); fi
-	@if [ -f 06_linux_production_benchmark.py ]; then $(PY) 06_linux_production_benchmark.py; fi
+	$(PY) 05_optimized_python_benchmark.py $(BENCH_ARGS) $(OPT_ARGS)
+	$(PY) 06_linux_production_benchmark.py $(PROD_ARGS)
 	@echo "Done: see benchmarks/SUMMARY.md"
 
 test: $(STAMP) rust

@@ -23,6 +23,10 @@ class Backend:
     predict: Callable[[np.ndarray], np.ndarray]
     details: dict = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
+    # Optional: logits for an input of any shape (whole-volume inference); None = patch shape only.
+    predict_any: Callable[[np.ndarray], np.ndarray] | None = None
+    # True where `predict` returns a buffer the backend reuses: valid only until the next call.
+    reuses_output: bool = False
 
 
 def onnx_checkpoint_sha(model_path: Path) -> str:
@@ -45,13 +49,34 @@ def check_onnx_matches(model_path: Path, checkpoint_sha256: str | None) -> None:
                                f"not the current one {checkpoint_sha256[:16]}: rerun 02_export_model.py")
 
 
+def resolve_model(model: str | Path | None) -> Path:
+    """`None`/"fp32" = the exported model; "int8" = its calibrated QDQ copy (common/quantize.py)."""
+    if model in (None, "fp32"):
+        return paths.ONNX_MODEL
+    if model == "int8":
+        from common.quantize import INT8_MODEL
+
+        if not INT8_MODEL.is_file():
+            raise BackendUnavailable(f"INT8 model {INT8_MODEL.name} missing: run "
+                                     "`python 05_optimized_python_benchmark.py --calibrate` first")
+        return INT8_MODEL
+    return Path(model)
+
+
 def onnxruntime_backend(threads: int, model_path: Path = paths.ONNX_MODEL, tuned: bool = False,
-                        optimized_model_cache: Path | None = None) -> Backend:
-    """ONNX Runtime CPU. Default session = only the thread count set (the `onnx_baseline` row)."""
+                        optimized_model_cache: Path | str | None = None, model: str | None = None,
+                        reuse_output: bool = False, denormals_as_zero: bool | None = None) -> Backend:
+    """ONNX Runtime CPU. Default session = only the thread count set (the `onnx_baseline` row).
+
+    `reuse_output`: bind one preallocated output buffer (IOBinding) instead of a fresh 760 MB array
+    per tile (page faults are expensive here); `predict` then returns that buffer, valid until the next call.
+    """
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise BackendUnavailable(f"onnxruntime not installed: {exc}") from None
+    if model is not None:
+        model_path = resolve_model(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     if tuned:
@@ -59,17 +84,91 @@ def onnxruntime_backend(threads: int, model_path: Path = paths.ONNX_MODEL, tuned
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        if denormals_as_zero is not False:  # default: on with `tuned`; flushes tiny activations (drift)
+            options.add_session_config_entry("session.set_denormal_as_zero", "1")
         options.enable_cpu_mem_arena = True
-        if optimized_model_cache:
+        if optimized_model_cache == "auto":  # keyed by the source model's size and mtime: never stale
+            stat = Path(model_path).stat()
+            optimized_model_cache = Path(model_path).with_name(
+                f"{Path(model_path).stem}.{stat.st_size}.{int(stat.st_mtime)}.ort_optimized.onnx")
+        if optimized_model_cache and Path(optimized_model_cache).is_file():
+            model_path = Path(optimized_model_cache)  # the graph optimized once, loaded as is
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        elif optimized_model_cache:
             options.optimized_model_filepath = str(optimized_model_cache)
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
+    details = {"onnxruntime": ort.__version__, "threads": threads, "tuned": tuned, "model": Path(model_path).name}
+
+    if not reuse_output:
+        def predict(patch: np.ndarray) -> np.ndarray:
+            return session.run(None, {input_name: patch})[0]
+
+        return Backend("onnxruntime", predict, details)
+
+    output = session.get_outputs()[0]
+    out_shape = [int(d) for d in output.shape]
+    buffer = np.empty(out_shape, dtype=np.float32)
+    binding = session.io_binding()
+    binding.bind_output(output.name, "cpu", 0, np.float32, out_shape, buffer.ctypes.data)
+    run_options = ort.RunOptions()
+    if tuned:  # give the arena's activation memory back after each tile: several sessions share a process
+        run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def predict_bound(patch: np.ndarray) -> np.ndarray:
+        binding.bind_cpu_input(input_name, np.ascontiguousarray(patch, dtype=np.float32))
+        session.run_with_iobinding(binding, run_options)
+        return buffer
+
+    return Backend("onnxruntime", predict_bound, details, reuses_output=True)
+
+
+def openvino_backend(threads: int, model_path: Path = paths.ONNX_MODEL, precision: str = "f32",
+                     model: str | None = None, cache_dir: Path | None = paths.MODELS_DIR / "openvino_cache") -> Backend:
+    """OpenVINO CPU, static patch shape, one infer request whose output buffer is reused.
+
+    `precision`: INFERENCE_PRECISION_HINT, "f32" (exact tier) or "bf16" (AMX/AVX-512 bf16, approximate).
+    `predict_any` reshapes and compiles the model once per new input shape (whole-volume inference).
+    """
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise BackendUnavailable(f"openvino not installed: {exc}") from None
+    if model is not None:
+        model_path = resolve_model(model)
+    core = ov.Core()
+    if cache_dir:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(cache_dir)})
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise BackendUnavailable("this CPU has no bf16 support (OpenVINO OPTIMIZATION_CAPABILITIES)")
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
+              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    base = core.read_model(str(model_path))
+    compiled_by_shape: dict[tuple, object] = {}
+
+    def request_for(shape: tuple[int, ...]):
+        if shape not in compiled_by_shape:
+            net = base if tuple(base.inputs[0].get_partial_shape().to_shape()) == shape else base.clone()
+            if net is not base:
+                net.reshape({net.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
+            compiled_by_shape[shape] = core.compile_model(net, "CPU", config).create_infer_request()
+        return compiled_by_shape[shape]
+
+    static_shape = tuple(base.inputs[0].get_partial_shape().to_shape())
+    request = request_for(static_shape)
 
     def predict(patch: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: patch})[0]
+        request.infer({0: np.ascontiguousarray(patch, dtype=np.float32)}, share_inputs=True)
+        return request.get_output_tensor(0).data
 
-    return Backend("onnxruntime", predict, {"onnxruntime": ort.__version__, "threads": threads, "tuned": tuned})
+    def predict_any(image: np.ndarray) -> np.ndarray:
+        req = request_for(tuple(image.shape))
+        req.infer({0: np.ascontiguousarray(image, dtype=np.float32)}, share_inputs=True)
+        return req.get_output_tensor(0).data
+
+    details = {"openvino": ov.__version__, "threads": threads, "precision": precision, "model": Path(model_path).name}
+    return Backend("openvino", predict, details, predict_any=predict_any, reuses_output=True)
 
 
 def torch_backend(threads: int, weights=None) -> Backend:
@@ -91,6 +190,7 @@ def torch_backend(threads: int, weights=None) -> Backend:
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "onnxruntime": onnxruntime_backend,
     "torch": torch_backend,
+    "openvino": openvino_backend,
 }
 
 

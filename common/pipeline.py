@@ -26,6 +26,20 @@ class PipelineConfig:
     step: float = 0.8
     patch: tuple[int, int, int] = PATCH_SIZE
     resample_order: int = 1
+    # Exact tier: the same labels as the defaults, computed with less memory traffic.
+    lean_load: bool = False        # keep integer voxels as stored (no float64 copy); zoom reads them as double
+    fast_resample: bool = False    # labels back to the input grid by per-axis index maps (scipy's own rounding)
+    fused_normalize: bool = False  # crop + clip + normalize + pad into one float32 buffer
+    fast_accumulate: bool = False  # per-channel, cache-blocked, threaded float16 accumulation (no f32 copies)
+    chunked_argmax: bool = False   # divide by the weights and argmax slab by slab
+    # Approximate tier: changes the math.
+    body_crop: bool = False        # run the network only inside the box of voxels > -500 HU
+    whole_volume: bool = False     # one pass over the whole (stride-padded) volume instead of tiles
+    threads: int = 0               # numpy work split over this many threads (0 = the affinity mask)
+
+    @property
+    def exact(self) -> bool:
+        return not (self.body_crop or self.whole_volume or self.step != 0.8 or self.resample_order != 1)
 
 
 @dataclass
@@ -48,27 +62,90 @@ class StageTimer:
             self.timings[name] += time.perf_counter() - start
 
 
+NETWORK_STRIDE = 16  # 4 stride-2 stages: whole-volume inputs are padded to a multiple of this
+
+
+def _numpy_threads(config: PipelineConfig) -> int:
+    if config.threads:
+        return config.threads
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
 def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backend, config: PipelineConfig,
                       timer: StageTimer, on_tile: Callable[[], None] | None = None) -> tuple[np.ndarray, int]:
-    """Labels for a canonical (RAS, x-y-z) float64 volume, on that same grid."""
+    """Labels for a canonical (RAS, x-y-z) volume, on that same grid. With the default config every
+    step is TotalSegmentator's; the exact-tier options give the same labels faster."""
+    threads = _numpy_threads(config)
     with timer.stage("preprocess_s"):
         zoom = resample.zoom_factors(spacing)
-        resampled = resample.to_target_spacing(data_ras, zoom, order=config.resample_order)
-        image = resampled.transpose(2, 1, 0)  # nnU-Net's (z, y, x) view of the RAS array
+        if np.issubdtype(data_ras.dtype, np.integer):
+            resampled = resample.to_target_spacing_from_int(data_ras, zoom, order=config.resample_order)
+        else:
+            resampled = resample.to_target_spacing(data_ras, zoom, order=config.resample_order)
+        image = resampled.transpose(2, 1, 0)
         box = preprocess.nonzero_bbox(image)
-        cropped = preprocess.normalize_ct(image[preprocess.bbox_slices(box)])
-        padded, unpad = preprocess.pad_to_patch(cropped, config.patch)
-        n_tiles = sliding_window.count_tiles(cropped.shape, config.patch, config.step)
+        if config.body_crop:
+            body = preprocess.intersect_boxes(box, preprocess.body_bbox(image))
+            sizes = [max(p, -(-(hi - lo) // NETWORK_STRIDE) * NETWORK_STRIDE) if config.whole_volume else p
+                     for (lo, hi), p in zip(body, config.patch)]
+            grown = preprocess.grow_box(body, sizes, image.shape)  # real context, not zero padding
+            box = preprocess.intersect_boxes(box, grown) if not config.whole_volume else grown
+        cropped = image[preprocess.bbox_slices(box)]
+        multiple = NETWORK_STRIDE if config.whole_volume else 1
+        if config.fused_normalize or config.whole_volume:
+            padded, unpad = preprocess.normalize_pad(cropped, config.patch, multiple)
+        else:
+            padded, unpad = preprocess.pad_to_patch(preprocess.normalize_ct(cropped), config.patch)
+        if config.whole_volume:  # patch equivalents, so GFLOP and efficiency figures stay comparable
+            n_tiles = round(float(np.prod(padded.shape) / np.prod(config.patch)), 2)
+        else:
+            n_tiles = sliding_window.count_tiles(cropped.shape, config.patch, config.step)
     with timer.stage("inference_s"):
-        logits = sliding_window.sliding_window(padded, backend.predict, config.patch, config.step,
-                                               NUM_CLASSES, on_tile)
+        weights = None
+        if config.whole_volume:
+            if backend.predict_any is None:
+                raise ValueError(f"backend {backend.name} runs only its fixed patch shape: no whole-volume pass")
+            logits = backend.predict_any(np.ascontiguousarray(padded)[None, None])[0]
+            if on_tile:
+                on_tile()
+        elif config.fast_accumulate:
+            logits, weights = sliding_window.sliding_window_accumulate(
+                padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads)
+        else:
+            logits = sliding_window.sliding_window(padded, backend.predict, config.patch, config.step,
+                                                   NUM_CLASSES, on_tile)
     with timer.stage("postprocess_s"):
-        labels_cropped = sliding_window.argmax_labels(logits[(slice(None), *unpad)])
-        del logits
+        if config.chunked_argmax or weights is not None or config.whole_volume:
+            labels_cropped = sliding_window.divide_argmax(logits, weights, unpad, threads)
+        else:
+            labels_cropped = sliding_window.argmax_labels(logits[(slice(None), *unpad)])
+        del logits, weights
         labels = np.zeros(image.shape, dtype=np.uint8)
         labels[preprocess.bbox_slices(box)] = labels_cropped
-        labels = resample.labels_to_shape(labels.transpose(2, 1, 0), data_ras.shape)
+        to_shape = resample.labels_to_shape_fast if config.fast_resample else resample.labels_to_shape
+        labels = to_shape(labels.transpose(2, 1, 0), data_ras.shape)
     return labels, n_tiles
+
+
+def load_volume_lean(path: Path) -> io.Volume:
+    """`io.load_volume` without the float64 copy where that copy changes nothing downstream: integer
+    voxels stored with identity scaling are kept as stored (scipy's zoom reads them as double, and the
+    normalization casts them to float32 exactly). Other files go through `io.load_volume`."""
+    img = io.validate_nifti(path)
+    proxy = img.dataobj
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    identity = (slope is None or np.isnan(slope) or slope == 1) and (inter is None or np.isnan(inter) or inter == 0)
+    if not (np.issubdtype(img.get_data_dtype(), np.integer) and identity and hasattr(proxy, "get_unscaled")):
+        return io.load_volume(path)
+    try:
+        data = np.asarray(proxy.get_unscaled())
+    except Exception:
+        return io.load_volume(path)  # its one-line InputError for unreadable data
+    if data.ndim > 3:
+        data = data.reshape(data.shape[:3])
+    return io.Volume(data, img.affine.copy(), img.header.copy(), Path(path))
 
 
 def segment_volume(volume: io.Volume, backend: Backend, config: PipelineConfig, timer: StageTimer,
@@ -87,7 +164,7 @@ def segment_file(input_path: Path, output_path: Path | None, backend: Backend, c
     """Read, segment, write (atomically). Timings cover reading the input to the written output."""
     timer = StageTimer()
     with timer.stage("load_s"):
-        volume = io.load_volume(input_path)
+        volume = load_volume_lean(input_path) if config.lean_load else io.load_volume(input_path)
     result = segment_volume(volume, backend, config, timer, on_tile)
     if output_path is not None:
         with timer.stage("save_s"):

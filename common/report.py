@@ -160,11 +160,83 @@ def write_script_report(path: Path, title: str, frame: pd.DataFrame, environment
     return write_text_atomic(path, "\n".join(text) + "\n")
 
 
+def best_variant_lines(summary: pd.DataFrame, exact_min_agreement: float = 0.997) -> list[str]:
+    """SUMMARY's pick of the fastest optimized variant per tier (exact: only rows keeping parity)."""
+    if summary.empty or "implementation" not in summary:
+        return []
+    opt = summary[(summary.implementation == "onnx_optimized") & summary.median_s.notna()]
+    picks = []
+    for tier in ("exact", "approximate"):
+        rows = opt[opt.tier == tier]
+        if tier == "exact":
+            rows = rows[rows.parity_agreement.fillna(0) >= exact_min_agreement]
+        if not rows.empty:
+            picks.append((tier, rows.sort_values("median_s").iloc[0]))
+    if not picks:
+        return []
+    lines = ["", "## Best optimized variants (05)", "",
+             "| Tier | Variant | Typical latency (s) | Speedup vs vanilla | Parity vs vanilla (voxels / Dice) | "
+             "Peak RSS (MB) |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for tier, r in picks:
+        lines.append(f"| {tier} | {r.variant} | {_fmt(r.median_s)} | {_fmt(r.speedup, 2, 'x')} | "
+                     f"{_fmt(r.parity_agreement, 5)} / {_fmt(r.parity_dice, 4)} | {_fmt(r.peak_rss_mb, 0)} |")
+    lines += ["", f"Exact-tier pick: the fastest exact variant with agreement >= {exact_min_agreement}. "
+              "Approximate rows change the math: with stand-in weights their parity is drift only "
+              "(details: optimized_report.md)."]
+    return lines
+
+
+PRODUCTION_RECOMMENDATION = "production_recommendation.md"
+
+
+def dataset_line(frame: pd.DataFrame) -> str:
+    """`- Dataset: ...` from the case ids present in the results (and their manifest source)."""
+    if frame.empty or "case_id" not in frame:
+        return ""
+    ids = sorted(frame.case_id.dropna().astype(str).unique())
+    sources = {}
+    try:
+        from common.data import read_manifest
+
+        sources = {c.case_id: c.source for c in read_manifest(paths.DEFAULT_MANIFEST)}
+    except Exception:  # noqa: BLE001 - no manifest: case ids alone
+        pass
+    by_source: dict[str, list[str]] = {}
+    for case_id in ids:
+        by_source.setdefault(sources.get(case_id, "unknown source"), []).append(case_id)
+    parts = [f"{src}: {', '.join(v)}" for src, v in sorted(by_source.items())]
+    return f"- Dataset: {len(ids)} case(s) ({'; '.join(parts)})"
+
+
+def study_table(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
+    """The original study's table shape: implementation, typical latency, mean Dice, speedup, environment."""
+    lines = ["| Implementation | Typical latency (s) | Mean Dice (vs vanilla / vs ground truth) | Speedup | Environment |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for _, r in summary.iterrows():
+        group = frame[(frame.implementation == r.implementation) & (frame.variant.fillna("") == r.variant)]
+        affinity = group.affinity.dropna().astype(str).unique() if "affinity" in group else []
+        cpu = group.cpu_model.dropna().astype(str).unique() if "cpu_model" in group else []
+        env = f"{'Linux' if os.name == 'posix' else os.name}, {int(r.threads) if pd.notna(r.threads) else '?'} thread(s)"
+        if len(affinity):
+            env += f", CPUs {'; '.join(affinity[:4])}"
+        if len(cpu):
+            env += f", {cpu[0]}"
+        name = LABELS.get(r.implementation, r.implementation) + (f" `{r.variant}`" if r.variant else "")
+        lines.append(f"| {name} ({r.tier}) | {_fmt(r.median_s)} | {_fmt(r.parity_dice, 4)} / {_fmt(r.dice_gt_mean, 4)} | "
+                     f"{_fmt(r.speedup, 2, 'x')} | {env} |")
+    return lines
+
+
 def write_summary(out_dir: Path = paths.BENCHMARKS_DIR, environment: dict | None = None) -> Path:
-    """benchmarks/SUMMARY.md from every *_results.csv present."""
+    """benchmarks/SUMMARY.md from every *_results.csv present (and 06's recommendation, where written)."""
     frame = read_all_results(out_dir)
+    if not frame.empty:
+        frame["variant"] = frame["variant"].fillna("")
     summary = summarize(frame) if not frame.empty else pd.DataFrame()
     text = header_lines("TotalSegmentator --fast on CPU: Key Results", frame, environment)
+    dataset = dataset_line(frame)
+    if dataset:
+        text.insert(next(i + 1 for i, line in enumerate(text) if line.startswith("- Cases:")), dataset)
     if summary.empty:
         text.append("No results yet: run the numbered scripts (README).")
     else:
@@ -172,5 +244,11 @@ def write_summary(out_dir: Path = paths.BENCHMARKS_DIR, environment: dict | None
             ["", "Speedup = median over cases of (vanilla wall / this wall), both measured in the same run setup. "
              "Parity = fraction of voxels with vanilla's label, and mean per-class Dice vs vanilla. "
              "Exact tier = same math as vanilla (float rounding only); approximate tier changes the math.", "",
-             "## Stage breakdown (median seconds)", ""] + stage_table(summary)
+             "## Stage breakdown (median seconds)", ""] + stage_table(summary) + best_variant_lines(summary) + \
+            ["", "## Key Results (the original study's shape)", "", *study_table(summary, frame), "",
+             "Every row was measured by this checkout's scripts and read from benchmarks/*_results.csv. "
+             "Mean Dice vs vanilla = per-class Dice against vanilla's labels on the same case."]
+    recommendation = Path(out_dir) / PRODUCTION_RECOMMENDATION
+    if recommendation.is_file():
+        text += ["", recommendation.read_text().rstrip()]
     return write_text_atomic(Path(out_dir) / "SUMMARY.md", "\n".join(text) + "\n")

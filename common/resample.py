@@ -43,3 +43,43 @@ def labels_to_shape(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return labels
     zoom = np.array(shape) / np.array(labels.shape)
     return ndimage.zoom(labels, zoom, order=0, mode="nearest")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faster equivalents (exact tier): the same arrays as the scipy calls above, bit for bit.
+
+def to_target_spacing_from_int(data: np.ndarray, zoom: np.ndarray | None, order: int = 1) -> np.ndarray:
+    """`to_target_spacing` for integer voxels read without the float64 copy (`pipeline.load_volume_lean`).
+
+    scipy's interpolation reads every input type as double, so zooming the int16 array into a float64
+    output gives the very values that zooming its float64 copy does, with a quarter of the memory traffic.
+    """
+    if zoom is None:
+        return data
+    return ndimage.zoom(data, zoom, order=order, mode="nearest", output=np.float64).astype(np.int32)
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output sample of scipy's order-0 zoom from n_in to n_out along one axis.
+
+    Order-0 zoom is separable, so the per-axis index map (found by zooming an index ramp with scipy
+    itself, so its rounding is scipy's) fully describes the 3-D result.
+    """
+    if n_in == n_out:
+        return np.arange(n_in)
+    ramp = np.arange(n_in, dtype=np.float64)
+    picked = ndimage.zoom(ramp, n_out / n_in, order=0, mode="nearest")
+    if picked.shape[0] != n_out:
+        raise ValueError(f"1-D zoom gave {picked.shape[0]} samples, expected {n_out}")
+    return picked.astype(np.intp)
+
+
+def labels_to_shape_fast(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`labels_to_shape` by per-axis index maps (three gathers instead of scipy's per-voxel loop)."""
+    if tuple(labels.shape) == tuple(shape):
+        return labels
+    out = labels
+    for axis, (n_in, n_out) in enumerate(zip(labels.shape, shape)):
+        if n_in != n_out:
+            out = np.take(out, nearest_indices(n_in, n_out), axis=axis)
+    return np.ascontiguousarray(out)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import numpy as np
@@ -70,3 +71,175 @@ def sliding_window(image: np.ndarray, predict: Predict, patch: tuple[int, ...], 
 def argmax_labels(logits: np.ndarray) -> np.ndarray:
     """Class index per voxel; ties go to the lowest index, as in torch and numpy."""
     return np.argmax(logits, axis=0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faster equivalents (exact tier): the same float16 values, fewer passes over memory, both cores busy.
+
+_POOLS: dict[int, "object"] = {}
+
+
+def _pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="accumulate")
+    return _POOLS[threads]
+
+
+def parallel_ranges(n: int, threads: int, fn: Callable[[int, int], None]) -> None:
+    """fn(lo, hi) over `threads` contiguous ranges of range(n), in threads (numpy releases the GIL)."""
+    threads = max(1, min(threads, n))
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    if threads == 1:
+        fn(0, n)
+        return
+    for future in [_pool(threads).submit(fn, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        future.result()
+
+
+def _torch():
+    """torch as a CPU array library (vectorized float16 conversions, 7-20x numpy's); None if absent."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+@contextmanager
+def _torch_single_thread(torch):
+    """Our own threads split the work; torch's intra-op pool (which spins badly on a loaded 2-core
+    machine: 10x slower per small op here) is set to one thread meanwhile."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def accumulate_tile(logits: np.ndarray, pred: np.ndarray, gauss32: np.ndarray, sl: tuple[slice, ...],
+                    threads: int = 1, block: int = 8) -> None:
+    """logits[:, sl] = float16(float32(logits[:, sl]) + pred * gauss32), bit-exact with `sliding_window`.
+
+    Channel by channel, so temporaries are one channel, never the 118-channel volume; `pred` (C, *patch)
+    float32 is overwritten (it is the backend's reused output buffer). Uses torch's vectorized float16
+    conversions where torch is installed (same IEEE round-to-nearest-even), numpy otherwise.
+    """
+    n_classes, depth = pred.shape[0], pred.shape[1]
+    torch = _torch()
+    if torch is not None:
+        pred_t, logits_t, gauss_t = torch.from_numpy(pred), torch.from_numpy(logits), torch.from_numpy(gauss32)
+
+        def work_t(lo: int, hi: int) -> None:
+            tmp = torch.empty(pred.shape[1:], dtype=torch.float32)
+            for c in range(lo, hi):
+                p = pred_t[c]
+                p.mul_(gauss_t)
+                target = logits_t[c][sl]
+                tmp.copy_(target)  # float16 -> float32 is exact
+                p.add_(tmp)
+                target.copy_(p)  # one rounding to float16 (round to nearest even, as numpy)
+
+        with _torch_single_thread(torch):
+            parallel_ranges(n_classes, threads, work_t)
+        return
+
+    def work(lo: int, hi: int) -> None:
+        tmp = np.empty((block, *pred.shape[2:]), dtype=np.float32)
+        for c in range(lo, hi):
+            target_c = logits[c][sl]
+            for z in range(0, depth, block):
+                n = min(block, depth - z)
+                t = tmp[:n]
+                np.multiply(pred[c, z:z + n], gauss32[z:z + n], out=t)
+                target = target_c[z:z + n]
+                np.add(t, target, out=t)  # float16 -> float32 is exact; the sum rounds once below
+                target[...] = t
+
+    parallel_ranges(n_classes, threads, work)
+
+
+def sliding_window_accumulate(image: np.ndarray, predict: Predict, patch: tuple[int, ...], step: float,
+                              n_classes: int, on_tile: Callable[[], None] | None = None,
+                              threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Undivided float16 logits and float16 weights: `sliding_window` without its final division.
+
+    Feed the pair to `divide_argmax` (chunked): together they give exactly `argmax_labels(sliding_window(...))`
+    without a float32 copy of the 118-channel volume and without numpy's whole-volume argmax transpose.
+    """
+    gauss = gaussian_importance(patch)
+    gauss32 = gauss.astype(np.float32)
+    logits = np.zeros((n_classes, *image.shape), dtype=np.float16)
+    weights = np.zeros(image.shape, dtype=np.float16)
+    for sl in tile_slices(image.shape, patch, step):
+        tile = np.ascontiguousarray(image[sl])[None, None]
+        pred = np.asarray(predict(tile), dtype=np.float32).reshape(n_classes, *patch)
+        accumulate_tile(logits, pred, gauss32, sl, threads)
+        weights[sl] += gauss
+        if on_tile:
+            on_tile()
+    return logits, weights
+
+
+def divide_argmax(logits: np.ndarray, weights: np.ndarray | None, region: tuple[slice, ...] | None = None,
+                  threads: int = 1, slab: int = 4) -> np.ndarray:
+    """uint8 argmax over channels of logits / weights (float16 division, as `sliding_window` does) inside
+    `region`, slab by slab along the first spatial axis: the same labels as dividing everything and then
+    `argmax_labels`, with only a slab-sized temporary. `weights=None`: argmax of `logits` as they are.
+    Ties go to the lowest index (torch and numpy agree)."""
+    if region is None:
+        region = tuple(slice(None) for _ in logits.shape[1:])
+    view = logits[(slice(None), *region)]
+    w_view = weights[region] if weights is not None else None
+    depth = view.shape[1]
+    labels = np.empty(view.shape[1:], dtype=np.uint8)
+    torch = _torch()
+    if torch is not None:
+        view_t = torch.from_numpy(view if view.flags.writeable else view.copy())
+        w_t = torch.from_numpy(w_view if w_view is None or w_view.flags.writeable else w_view.copy()) \
+            if w_view is not None else None
+        labels_t = torch.from_numpy(labels)
+
+        def work_t(lo: int, hi: int) -> None:
+            tmp = torch.empty((view.shape[0], slab, *view.shape[2:]), dtype=view_t.dtype)
+            tmp32 = torch.empty(tmp.shape, dtype=torch.float32)
+            best = torch.empty(tmp.shape[1:], dtype=torch.float32)
+            mask = torch.empty(tmp.shape[1:], dtype=torch.bool)
+            for z in range(lo, hi, slab):
+                n = min(slab, hi - z)
+                t, t32, b, m = tmp[:, :n], tmp32[:, :n], best[:n], mask[:n]
+                if w_t is not None:
+                    torch.div(view_t[:, z:z + n], w_t[z:z + n], out=t)  # float16 result, as np.divide
+                else:
+                    t.copy_(view_t[:, z:z + n])
+                t32.copy_(t)  # exact widening: the order of values is unchanged
+                if bool(torch.isnan(t32).any()):
+                    labels_t[z:z + n] = torch.from_numpy(np.argmax(t.numpy(), axis=0).astype(np.uint8))
+                    continue
+                out = labels_t[z:z + n]
+                out.zero_()
+                b.copy_(t32[0])
+                for c in range(1, t32.shape[0]):  # running max; strict > keeps the lowest index on ties
+                    torch.gt(t32[c], b, out=m)
+                    out.masked_fill_(m, c)
+                    torch.maximum(b, t32[c], out=b)
+
+        with _torch_single_thread(torch):
+            parallel_ranges(depth, threads, work_t)
+        return labels
+
+    def work(lo: int, hi: int) -> None:
+        tmp = np.empty((view.shape[0], slab, *view.shape[2:]), dtype=view.dtype)
+        for z in range(lo, hi, slab):
+            n = min(slab, hi - z)
+            t = tmp[:, :n]
+            if w_view is not None:
+                np.divide(view[:, z:z + n], w_view[z:z + n], out=t)
+            else:
+                t[...] = view[:, z:z + n]
+            labels[z:z + n] = np.argmax(t, axis=0)
+
+    parallel_ranges(depth, threads, work)
+    return labels

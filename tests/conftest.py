@@ -85,8 +85,8 @@ def generated_volumes(tmp_path_factory) -> dict[str, Path]:
         # LPS storage, 0.7 x 0.7 x 5 mm: a thick-slice abdominal CT, 93 x 93 x 100 at 3 mm = one tile that
         # the anatomy mostly fills (a padding-dominated tile makes the stand-in's ties ORT-vs-torch noise)
         "lps_anisotropic": ((400, 400, 60), (0.7, 0.7, 5.0), "LPS"),
-        # already on the 3 mm grid: change_spacing is skipped on the way in and out
-        "ras_3mm": ((100, 90, 60), (3.0, 3.0, 3.0), "RAS"),
+        # already on the 3 mm grid: change_spacing is skipped on the way in and out; fills one tile
+        "ras_3mm": ((118, 108, 108), (3.0, 3.0, 3.0), "RAS"),
         # 137 x 137 x 150 at 3 mm after resampling: 2 x 2 x 2 = 8 tiles at step 0.8
         "eight_tiles": ((514, 514, 300), (0.8, 0.8, 1.5), "LPS"),
     }

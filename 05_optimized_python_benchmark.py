@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""05: optimized variants of the `--fast` pipeline, exact and approximate tiers, with their drift from vanilla.
+
+A variant is a named configuration in common/variants.py (runtime + options + pipeline settings).
+`--list-variants` prints them; `--variants a,b,c` picks some (default: all but `ort_default`, which is
+the `onnx_baseline` row). `--with-vanilla` / `--with-baseline` interleave TotalSegmentator itself and the
+default ONNX Runtime pipeline in the same run, so every speedup is a ratio measured in one run.
+Writes OUT/onnx_optimized_results.csv, OUT/optimized_report.md, OUT/optimized_pareto.png, OUT/SUMMARY.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from common.cli import add_benchmark_args, run_and_report
+
+REPORT = "optimized_report.md"
+
+
+def list_variants() -> str:
+    from common.variants import VARIANTS
+
+    width = max(map(len, VARIANTS))
+    return "\n".join(f"{v.name:<{width}}  {v.tier:<11}  {v.backend:<11}  {v.description}" for v in VARIANTS.values())
+
+
+def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseline: bool,
+                 calibrate: bool = True) -> tuple[list, list[str]]:
+    from common import backends
+    from common.variants import get_variant, make_pipeline_runner
+    from common.weights import read_model_info
+
+    info = read_model_info()
+    backends.check_onnx_matches(Path(info.get("onnx_path", "")), info.get("checkpoint_sha256"))
+    runners, notes = [], []
+    if with_vanilla:
+        runners.append(importlib.import_module("03_vanilla_benchmark").vanilla_runner(threads))
+    if with_baseline:
+        runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads))
+    if calibrate and any(get_variant(n).backend_options.get("model") == "int8" for n in names):
+        try:
+            from common.quantize import ensure_int8_model
+            ensure_int8_model(log=lambda m: print(m, file=sys.stderr))
+        except Exception as exc:  # the int8 rows are then skipped below, with the reason
+            notes.append(f"- INT8 calibration failed: {type(exc).__name__}: {exc}")
+    for name in names:
+        variant = get_variant(name)
+        try:
+            runners.append(make_pipeline_runner("onnx_optimized", variant, threads))
+        except (backends.BackendUnavailable, ImportError, FileNotFoundError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            notes.append(f"- Variant `{name}` ({variant.tier}) skipped: {reason}")
+            print(f"note: variant {name} skipped: {reason}", file=sys.stderr)
+    return runners, notes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_benchmark_args(parser)
+    parser.add_argument("--list-variants", action="store_true", help="print the variants and exit")
+    parser.add_argument("--variants", default="", help="comma-separated variant names (default: all but ort_default)")
+    parser.add_argument("--with-vanilla", action="store_true", help="interleave vanilla TotalSegmentator runs")
+    parser.add_argument("--with-baseline", action="store_true", help="interleave the default ORT pipeline")
+    parser.add_argument("--calibrate", action="store_true", help="(re)build the INT8 model and exit")
+    parser.add_argument("--no-peak", action="store_true", help="skip the machine-peak GFLOP/s microbenchmark")
+    args = parser.parse_args(argv)
+    from common.variants import VARIANTS
+
+    if args.list_variants:
+        print(list_variants())
+        return 0
+    if args.calibrate:
+        from common.quantize import build_int8_model
+        build_int8_model()
+        return 0
+    names = [n.strip() for n in args.variants.split(",") if n.strip()] or \
+        [n for n in VARIANTS if n != "ort_default"]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {', '.join(unknown)} (see --list-variants)")
+    from common.weights import WeightsError
+    try:
+        runners, notes = make_runners(names, args.threads, args.with_vanilla, args.with_baseline)
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not runners:
+        print("error: nothing to run", file=sys.stderr)
+        return 1
+    from common import optimized_report
+
+    peak = None if args.no_peak else optimized_report.measure_peak_gflops(args.threads)
+    notes = optimized_report.static_notes(notes, peak)
+    rc = run_and_report(args, runners, "05 Optimized Python pipeline: variants, exact and approximate",
+                        REPORT, notes)
+    optimized_report.rewrite_report(args.out, REPORT, notes, peak, args.threads)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""05's report: per-variant table with both speedups, stage breakdown with network efficiency, Pareto plot."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import report
+from common.bench import RESULT_COLUMNS
+from common.pipeline import STAGES
+from common.weights import NUM_CLASSES, PATCH_SIZE
+
+FEATURES = (32, 64, 128, 256, 320)
+PLOT = "optimized_pareto.png"
+
+
+def gflop_per_patch(patch: tuple[int, ...] = PATCH_SIZE, features=FEATURES, classes: int = NUM_CLASSES) -> float:
+    """Multiply-adds x 2 of one forward pass of the Dataset297 PlainConvUNet (3x3x3 convs, 2 per stage,
+    stride-2 transposed convs, 1x1x1 head); InstanceNorm/LeakyReLU are negligible. About 736 GFLOP."""
+    voxels = [int(np.prod([p // 2 ** s for p in patch])) for s in range(len(features))]
+    macs, c_in = 0, 1
+    for s, c in enumerate(features):  # encoder
+        macs += voxels[s] * 27 * (c_in * c + c * c)
+        c_in = c
+    for s in range(len(features) - 2, -1, -1):  # decoder
+        c, c_up = features[s], features[s + 1]
+        macs += voxels[s + 1] * 8 * c_up * c  # transposed conv, kernel 2, stride 2
+        macs += voxels[s] * 27 * (2 * c * c + c * c)
+    macs += voxels[0] * features[0] * classes
+    return 2 * macs / 1e9
+
+
+def measure_peak_gflops(threads: int, n: int = 3072, repeats: int = 3) -> float:
+    """The machine's measured float32 peak here: best of a few large SGEMMs (OpenBLAS, `threads` threads)."""
+    try:
+        from threadpoolctl import threadpool_limits
+        limit = threadpool_limits(threads)
+    except ImportError:
+        limit = None
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = a.T.copy()
+    a @ b
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    if limit is not None:
+        limit.unregister() if hasattr(limit, "unregister") else None
+    return 2 * n ** 3 / best / 1e9
+
+
+def static_notes(notes: list[str], peak: float | None) -> list[str]:
+    lines = ["## Notes", "",
+             "- Tiers: **exact** = same math as vanilla (differences from float rounding only; the non-network "
+             "changes are bit-exact, tests/test_variants.py); **approximate** = changes the math (bf16, int8, "
+             "fewer or larger tiles, whole-volume pass, body crop). Every approximate row shows its agreement "
+             "with vanilla beside its speed.",
+             "- With stand-in weights the approximate rows show **drift from vanilla only**: their real Dice "
+             "needs the real weights; the same command measures it (Dice vs GT column) where they are present.",
+             "- INT8 models are calibrated on phantoms generated for calibration only (seeds 1001, 1002), never "
+             "on evaluation cases.",
+             "- Whole-volume rows: `n_tiles` is the padded volume in patch equivalents; the first run of a new "
+             "volume shape includes OpenVINO's compile for that shape (cached in models/openvino_cache).",
+             f"- Network efficiency = n_tiles x {gflop_per_patch():.0f} GFLOP per 112x112x128 patch / "
+             "inference stage seconds / measured peak"
+             + (f" ({peak:.0f} GFLOP/s, best float32 SGEMM on these threads, measured at the start of this run)."
+                if peak else " (peak not measured: --no-peak)."),
+             "  bf16/int8 rows can exceed 100%: their arithmetic is cheaper than the float32 peak.",
+             ""]
+    return lines + list(notes)
+
+
+def _load(out_dir: Path) -> pd.DataFrame:
+    frames = []
+    for impl in ("vanilla", "onnx_baseline", "onnx_optimized"):
+        path = report.results_path(out_dir, impl)
+        if path.is_file() and path.stat().st_size:
+            frames.append(pd.read_csv(path))
+    if not frames:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    frame = pd.concat(frames, ignore_index=True)
+    frame["variant"] = frame["variant"].fillna("")
+    return frame
+
+
+def variant_table(frame: pd.DataFrame, peak: float | None) -> pd.DataFrame:
+    summary = report.summarize(frame)
+    vs_base = report.per_case_speedup(frame, reference="onnx_baseline")
+    summary["speedup_vs_baseline"] = [vs_base.get((r.implementation, r.variant), np.nan)
+                                      for r in summary.itertuples()]
+    ok = frame[frame.status == "ok"]
+    tiles = ok.groupby(["implementation", "variant"]).n_tiles.median()
+    summary["n_tiles"] = [tiles.get((r.implementation, r.variant), np.nan) for r in summary.itertuples()]
+    summary["network_gflops"] = summary.n_tiles * gflop_per_patch() / summary.inference_s
+    summary["efficiency"] = summary.network_gflops / peak if peak else np.nan
+    summary["non_network_share"] = 1 - summary.inference_s / summary.median_s
+    return summary
+
+
+def _f(value, digits=2, suffix=""):
+    return report._fmt(value, digits, suffix)
+
+
+def table_lines(summary: pd.DataFrame) -> list[str]:
+    lines = ["| Implementation | Variant | Tier | Median latency (s) | Spread (s) | Speedup vs vanilla | "
+             "Speedup vs onnx_baseline | Parity agreement | Parity Dice | Dice vs GT | Peak RSS (MB) | Runs |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in summary.itertuples():
+        lines.append(f"| {r.implementation} | {r.variant or '–'} | {r.tier} | {_f(r.median_s)} | "
+                     f"{_f(r.p25_s)}–{_f(r.p75_s)} | {_f(r.speedup, 2, 'x')} | {_f(r.speedup_vs_baseline, 2, 'x')} | "
+                     f"{_f(r.parity_agreement, 5)} | {_f(r.parity_dice, 4)} | {_f(r.dice_gt_mean, 4)} | "
+                     f"{_f(r.peak_rss_mb, 0)} | {r.runs}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
+    return lines
+
+
+def stage_lines(summary: pd.DataFrame) -> list[str]:
+    lines = ["| Implementation | Variant | " + " | ".join(s.replace("_s", " (s)") for s in STAGES) +
+             " | Non-network share | Tiles | Network GFLOP/s | Efficiency vs peak |",
+             "| --- | --- |" + " ---: |" * (len(STAGES) + 4)]
+    for r in summary.itertuples():
+        lines.append(f"| {r.implementation} | {r.variant or '–'} | " +
+                     " | ".join(_f(getattr(r, s)) for s in STAGES) +
+                     f" | {_f(100 * r.non_network_share, 0, '%')} | {_f(r.n_tiles, 1)} | {_f(r.network_gflops, 0)} | "
+                     f"{_f(100 * r.efficiency, 0, '%')} |")
+    return lines + ["", "Vanilla's stages are TotalSegmentator's internal phases as `common/vanilla.py` records them; "
+                        "its network figures include nnU-Net's own overheads."]
+
+
+def best_lines(summary: pd.DataFrame) -> list[str]:
+    opt = summary[(summary.implementation == "onnx_optimized") & summary.median_s.notna()]
+    lines = []
+    for tier in ("exact", "approximate"):
+        rows = opt[opt.tier == tier]
+        if tier == "exact":
+            rows = rows[rows.parity_agreement.fillna(0) >= 0.997]
+        if rows.empty:
+            continue
+        r = rows.sort_values("median_s").iloc[0]
+        lines.append(f"- Best {tier}: `{r.variant}` {_f(r.median_s)} s, {_f(r.speedup, 2, 'x')} vs vanilla, "
+                     f"{_f(r.speedup_vs_baseline, 2, 'x')} vs onnx_baseline, agreement {_f(r.parity_agreement, 5)}, "
+                     f"parity Dice {_f(r.parity_dice, 4)}, non-network {_f(100 * r.non_network_share, 0, '%')} of "
+                     f"its wall, peak RSS {_f(r.peak_rss_mb, 0)} MB.")
+    return lines
+
+
+def pareto_plot(summary: pd.DataFrame, path: Path) -> Path | None:
+    """Latency (log x) vs parity agreement; the Pareto front (faster and closer) is drawn as a line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = summary[summary.median_s.notna()].copy()
+    if rows.empty:
+        return None
+    rows["parity_agreement"] = rows.parity_agreement.fillna(1.0)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    colors = {"exact": "tab:blue", "approximate": "tab:orange"}
+    for r in rows.itertuples():
+        color = "black" if r.implementation == "vanilla" else colors.get(r.tier, "gray")
+        marker = "s" if r.implementation != "onnx_optimized" else "o"
+        ax.scatter(r.median_s, 1 - r.parity_agreement + 1e-6, color=color, marker=marker, s=50, zorder=3)
+        label = r.variant if r.implementation == "onnx_optimized" else r.implementation
+        ax.annotate(label, (r.median_s, 1 - r.parity_agreement + 1e-6), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    front, best = [], np.inf
+    for r in rows.sort_values(["median_s", "parity_agreement"], ascending=[True, False]).itertuples():
+        disagreement = 1 - r.parity_agreement
+        if disagreement < best:
+            front.append((r.median_s, disagreement + 1e-6))
+            best = disagreement
+    if len(front) > 1:
+        ax.step(*zip(*front), where="post", color="tab:green", lw=1.5, label="Pareto front", zorder=2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.axhline(1 - 0.997, color="tab:red", ls="--", lw=1, label="exact-tier bound (agreement 0.997)")
+    ax.set_xlabel("median end-to-end latency (s, log scale)")
+    ax.set_ylabel("1 - voxel agreement with vanilla (log scale; lower is better)")
+    ax.set_title("Latency vs parity (stand-in weights: drift only)" if _stand_in() else "Latency vs parity")
+    ax.scatter([], [], color="tab:blue", label="exact tier")
+    ax.scatter([], [], color="tab:orange", label="approximate tier")
+    ax.scatter([], [], color="black", marker="s", label="vanilla")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _stand_in() -> bool:
+    from common.weights import read_model_info
+
+    return read_model_info().get("weights_kind") != "real"
+
+
+def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peak: float | None, threads: int) -> Path:
+    """Replace the harness's generic report with 05's: both speedups, efficiency, Pareto plot."""
+    from common.env import environment_record
+
+    out_dir = Path(out_dir)
+    frame = _load(out_dir)
+    summary = variant_table(frame, peak)
+    environment = environment_record(threads)
+    if peak:
+        environment["measured_peak_gflops_fp32"] = f"{peak:.1f}"
+    plot = pareto_plot(summary, out_dir / PLOT)
+    text = report.header_lines("05 Optimized Python pipeline: variants, exact and approximate", frame, environment)
+    text += ["## Best variants", ""] + (best_lines(summary) or ["No optimized variant finished."]) + \
+        ["", "## Results", ""] + table_lines(summary)
+    if plot:
+        text += ["", f"![latency vs parity]({plot.name})", ""]
+    text += ["", "## Stage breakdown (median seconds) and network efficiency", ""] + stage_lines(summary) + \
+        ["", "## Per case", ""] + report.per_case_table(frame) + ["", *notes, "", "## Environment", "", "```",
+                                                                  *[f"{k}: {v}" for k, v in environment.items()],
+                                                                  "```"]
+    return report.write_text_atomic(out_dir / report_name, "\n".join(text) + "\n")

@@ -1,0 +1,205 @@
+"""05's variants: exact ones keep vanilla's labels, approximate ones run end to end, missing runtimes skip.
+
+- non-network exactness: every exact-tier pipeline option gives bit-identical labels to the default
+  pipeline (same deterministic fake network), and each fast kernel equals its reference bit for bit;
+- torch twin of the exact options: >= 0.99999 vs vanilla (the pipeline is still TotalSegmentator's);
+- each exact variant with its real runtime: >= 0.997 vs vanilla on the shared CTs and on non-RAS,
+  anisotropic and already-3 mm generated volumes (the same inputs as test_parity, so vanilla runs are shared).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from common import bench, metrics, preprocess, resample, sliding_window
+from common.backends import Backend, BackendUnavailable
+from common.pipeline import PipelineConfig, segment_file
+from common.variants import FAST, VARIANTS
+
+from parity_bounds import TWIN_MIN, ort_bound  # noqa: E402
+EXACT = [n for n, v in VARIANTS.items() if v.tier == "exact" and n != "ort_default"]
+APPROXIMATE = [n for n, v in VARIANTS.items() if v.tier == "approximate"]
+INPUTS = ["example_ct.nii.gz", "example_ct_sm.nii.gz", "lps_anisotropic", "ras_3mm"]
+
+
+def _input(name, shared_data, generated_volumes):
+    return shared_data / name if name.endswith(".nii.gz") else generated_volumes[name]
+
+
+# --- kernels: bit-exact with the reference implementations -------------------------------------------
+
+def _fake_predict(n_classes, patch, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(n_classes).astype(np.float32) * 3
+    b = rng.standard_normal(n_classes).astype(np.float32)
+
+    def predict(tile):
+        t = tile.reshape(patch)
+        out = w[:, None, None, None] * t[None] + b[:, None, None, None]
+        out[2] = out[1]  # exact ties: the lowest index must win
+        out[3, :2] = 1e-6  # float16 subnormals
+        return out[None].astype(np.float32)
+    return predict
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_accumulate_and_chunked_argmax_bit_exact(threads):
+    rng = np.random.default_rng(0)
+    patch, classes = (16, 12, 20), 7
+    image = rng.standard_normal((37, 12, 29)).astype(np.float32)
+    predict = _fake_predict(classes, patch)
+    reference = sliding_window.sliding_window(image, predict, patch, 0.8, classes)
+    logits, weights = sliding_window.sliding_window_accumulate(image, predict, patch, 0.8, classes,
+                                                                threads=threads)
+    region = (slice(3, 30), slice(None), slice(1, 28))
+    labels = sliding_window.divide_argmax(logits, weights, region, threads=threads, slab=3)
+    np.testing.assert_array_equal(labels, sliding_window.argmax_labels(reference[(slice(None), *region)]))
+    np.divide(logits, weights, out=logits)
+    np.testing.assert_array_equal(logits.view(np.uint16), reference.view(np.uint16))
+
+
+def test_resampling_shortcuts_bit_exact():
+    rng = np.random.default_rng(1)
+    for src, dst in [((37, 41, 29), (130, 140, 81)), ((46, 45, 50), (514, 514, 300)), ((10, 20, 30), (10, 57, 31)),
+                     ((9, 9, 9), (4, 30, 9))]:
+        labels = rng.integers(0, 118, src).astype(np.uint8)
+        np.testing.assert_array_equal(resample.labels_to_shape_fast(labels, dst), resample.labels_to_shape(labels, dst))
+    ct = rng.integers(-1024, 3000, (90, 80, 40)).astype(np.int16)
+    zoom = np.array([0.8, 0.7, 5.0]) / 3
+    np.testing.assert_array_equal(resample.to_target_spacing_from_int(ct, zoom),
+                                  resample.to_target_spacing(ct.astype(np.float64), zoom))
+
+
+def test_fused_normalize_pad_bit_exact():
+    rng = np.random.default_rng(2)
+    for shape, patch in [((50, 60, 70), (112, 112, 128)), ((130, 120, 140), (112, 112, 128)), ((7, 9, 5), (8, 8, 8))]:
+        data = rng.integers(-2000, 4000, shape).astype(np.int32)
+        ref, ref_unpad = preprocess.pad_to_patch(preprocess.normalize_ct(data), patch)
+        ours, unpad = preprocess.normalize_pad(data, patch)
+        np.testing.assert_array_equal(ours, ref)
+        np.testing.assert_array_equal(ours[unpad], ref[ref_unpad])
+
+
+@pytest.mark.parametrize("name", ["lps_anisotropic", "ras_3mm"])
+def test_exact_options_give_identical_labels(name, generated_volumes, tmp_path):
+    """All exact-tier options at once vs the default pipeline, same deterministic network: identical labels."""
+    from common.weights import NUM_CLASSES, PATCH_SIZE
+
+    backend = Backend("fake", _fake_predict(NUM_CLASSES, PATCH_SIZE))
+    image = generated_volumes[name]
+    default = segment_file(image, tmp_path / "default.nii.gz", backend, PipelineConfig())
+    fast = segment_file(image, tmp_path / "fast.nii.gz", backend, FAST)
+    assert FAST.exact
+    np.testing.assert_array_equal(fast.labels, default.labels)
+    assert len(np.unique(default.labels)) > 3
+
+
+def test_lean_load_matches(generated_volumes, shared_data):
+    from common import io
+    from common.pipeline import load_volume_lean
+
+    for path in (generated_volumes["lps_anisotropic"], shared_data / "example_ct_sm.nii.gz"):
+        lean, full = load_volume_lean(path), io.load_volume(path)
+        np.testing.assert_array_equal(lean.data.astype(np.float64), full.data)
+        np.testing.assert_array_equal(lean.affine, full.affine)
+
+
+# --- against vanilla ------------------------------------------------------------------------------------
+
+def _agreement(image, backend, config, vanilla, tmp_path):
+    out = tmp_path / "ours.nii.gz"
+    result = segment_file(image, out, backend, config)
+    ours, reference = bench.read_labels(out), bench.read_labels(vanilla(image))
+    assert ours.shape == reference.shape and ours.dtype == np.uint8
+    return metrics.voxel_agreement(ours, reference), result
+
+
+@pytest.fixture(scope="module")
+def torch_backend(stand_in, threads):
+    from common.backends import torch_backend
+
+    return torch_backend(threads, stand_in)
+
+
+@pytest.mark.parametrize("name", ["example_ct.nii.gz", "lps_anisotropic"])
+def test_torch_twin_of_exact_options(name, shared_data, generated_volumes, torch_backend, vanilla, tmp_path):
+    """The exact variants' pipeline options with the network in torch: TotalSegmentator's labels."""
+    image = _input(name, shared_data, generated_volumes)
+    agreement, _ = _agreement(image, torch_backend, FAST, vanilla, tmp_path)
+    assert agreement >= TWIN_MIN, f"{name}: exact options changed the pipeline ({agreement:.6f})"
+
+
+_BACKENDS: dict = {}
+
+
+def _variant_backend(name, threads):
+    from common.backends import make_backend
+
+    if name not in _BACKENDS:
+        _BACKENDS.clear()  # one runtime session alive at a time: memory on a shared 24 GB machine
+        v = VARIANTS[name]
+        try:
+            _BACKENDS[name] = make_backend(v.backend, threads, **v.backend_options)
+        except BackendUnavailable as exc:
+            _BACKENDS[name] = exc
+    if isinstance(_BACKENDS[name], BackendUnavailable):
+        pytest.skip(f"{name}: {_BACKENDS[name]}")
+    return _BACKENDS[name]
+
+
+@pytest.mark.parametrize("name", INPUTS)
+@pytest.mark.parametrize("variant", EXACT)
+def test_exact_variant_matches_vanilla(variant, name, shared_data, generated_volumes, onnx_model, threads,
+                                       vanilla, tmp_path):
+    backend = _variant_backend(variant, threads)
+    agreement, _ = _agreement(_input(name, shared_data, generated_volumes), backend, VARIANTS[variant].config,
+                              vanilla, tmp_path)
+    assert agreement >= ort_bound(name), f"{variant} on {name}: agreement {agreement:.6f} < {ort_bound(name)}"
+
+
+@pytest.fixture(scope="module")
+def int8_model(onnx_model):
+    from common.quantize import ensure_int8_model
+
+    return ensure_int8_model(log=lambda m: None)
+
+
+@pytest.mark.parametrize("variant", APPROXIMATE)
+def test_approximate_variant_runs(variant, generated_volumes, onnx_model, int8_model, threads, tmp_path):
+    import nibabel as nib
+
+    image = generated_volumes["lps_anisotropic"]
+    backend = _variant_backend(variant, threads)
+    out = tmp_path / "approx.nii.gz"
+    result = segment_file(image, out, backend, VARIANTS[variant].config)
+    written = nib.load(out)
+    source = nib.load(image)
+    assert written.shape == source.shape[:3]
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+    assert result.labels.dtype == np.uint8 and result.labels.max() > 0
+
+
+def test_missing_runtime_is_skipped_not_crashed(monkeypatch, onnx_model, threads):
+    from common import backends
+
+    def unavailable(*_, **__):
+        raise BackendUnavailable("openvino not installed: test")
+
+    monkeypatch.setitem(backends.BACKENDS, "openvino", unavailable)
+    script = importlib.import_module("05_optimized_python_benchmark")
+    runners, notes = script.make_runners(["ov_f32_fast", "ort_tuned"], threads, False, False, calibrate=False)
+    assert [r.variant for r in runners] == ["ort_tuned"]
+    assert any("ov_f32_fast" in n and "skipped" in n and "openvino not installed" in n for n in notes)
+
+
+def test_variants_are_listed():
+    script = importlib.import_module("05_optimized_python_benchmark")
+    listing = script.list_variants()
+    for name, v in VARIANTS.items():
+        assert name in listing
+        assert v.tier in ("exact", "approximate")
+        if v.tier == "exact":  # an exact variant may not change the pipeline's math (its runtime is checked above)
+            assert v.config.exact, name
