@@ -78,8 +78,8 @@ def write_report(path: Path, info, check, study: dict | None) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_threads(args.threads)
-    from common import env, export
-    from common.weights import ModelInfo, WeightsError, count_parameters, ensure_weights, load_network, sha256_file
+    from common import export
+    from common.weights import WeightsError, count_parameters, ensure_weights, load_network
 
     try:
         weights = ensure_weights(args.weights, args.home)
@@ -104,15 +104,7 @@ def main(argv=None) -> int:
         args.onnx.unlink(missing_ok=True)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    info = ModelInfo(
-        weights_kind=weights.kind, checkpoint_sha256=weights.sha256, model_dir=str(weights.model_dir),
-        onnx_path=str(args.onnx), onnx_sha256=sha256_file(args.onnx),
-        architecture={"network": "PlainConvUNet", "features": [32, 64, 128, 256, 320],
-                      "patch_zyx": list(export.PATCH_SIZE), "classes": 118, "opset": export.ONNX_OPSET,
-                      "parameters": count_parameters(network), "threads": args.threads},
-        versions=env.package_versions(),
-        warning="stand-in weights: not clinically meaningful" if weights.is_stand_in else "")
-    info.save()
+    info = export.save_model_info(weights, args.onnx, count_parameters(network), args.threads)
     write_report(args.report, info, check, study)
     print(f"Wrote {paths.MODEL_INFO} and {args.report}")
     return 0

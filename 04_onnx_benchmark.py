@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from common.cli import add_benchmark_args, run_and_report
 
@@ -18,14 +17,14 @@ IMPLEMENTATIONS = ("onnx", "torch", "rust")
 
 
 def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
-    from common import backends
+    from common import backends, paths
     from common.variants import Variant, get_variant, make_pipeline_runner
     from common.weights import read_model_info
 
     runners, notes = [], []
     info = read_model_info()
     if "onnx" in impls:
-        backends.check_onnx_matches(Path(info.get("onnx_path", "")), info.get("checkpoint_sha256"))
+        backends.check_onnx_matches(paths.ONNX_MODEL, info.get("checkpoint_sha256"))
         runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads))
     if "torch" in impls:
         twin = Variant("torch_network", "exact", "torch", "the same pipeline, network run by torch")
@@ -55,7 +54,9 @@ def main(argv=None) -> int:
     unknown = set(impls) - set(IMPLEMENTATIONS)
     if unknown:
         parser.error(f"unknown --impl {', '.join(sorted(unknown))}")
+    from common.cli import select_cases
     from common.weights import WeightsError
+    select_cases(args)  # a missing manifest or unknown case id is reported before any model is loaded
     try:
         runners, notes = make_runners(impls, args.threads)
     except WeightsError as exc:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from common import paths, preprocess
-from common.weights import PATCH_SIZE, Weights, WeightsError, load_network
+from common.weights import PATCH_SIZE, ModelInfo, Weights, WeightsError, load_network, sha256_file
 
 ARGMAX_AGREEMENT_MIN = 0.999
 ONNX_OPSET = 17
@@ -111,3 +111,18 @@ def time_patch(onnx_path: Path, threads: int, shape: tuple[int, ...] = PATCH_SIZ
         backend.predict(patch)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def save_model_info(weights: Weights, onnx_path: Path, parameters: int, threads: int) -> ModelInfo:
+    """models/model_info.json: what every report states in its first lines."""
+    from common.env import package_versions
+
+    info = ModelInfo(
+        weights_kind=weights.kind, checkpoint_sha256=weights.sha256, model_dir=str(weights.model_dir),
+        onnx_path=str(onnx_path), onnx_sha256=sha256_file(onnx_path),
+        architecture={"network": "PlainConvUNet", "features": [32, 64, 128, 256, 320], "patch_zyx": list(PATCH_SIZE),
+                      "classes": 118, "opset": ONNX_OPSET, "parameters": parameters, "threads": threads},
+        versions=package_versions(),
+        warning="stand-in weights: not clinically meaningful" if weights.is_stand_in else "")
+    info.save()
+    return info

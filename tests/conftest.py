@@ -45,9 +45,14 @@ def onnx_model(stand_in, threads) -> Path:
     from common.backends import onnx_checkpoint_sha
     from common.export import export_onnx
 
+    from common.export import save_model_info
+    from common.weights import count_parameters, load_network, read_model_info
+
     path = paths.ONNX_MODEL
     if not path.is_file() or onnx_checkpoint_sha(path) != stand_in.sha256:
         export_onnx(stand_in, path)
+    if read_model_info().get("checkpoint_sha256") != stand_in.sha256:
+        save_model_info(stand_in, path, count_parameters(load_network(stand_in)), threads)
     return path
 
 
