@@ -62,24 +62,10 @@ def fail(message: str) -> int:
 
 
 def select_cases(args) -> list:
-    from common.data import DataError, read_manifest
+    from common import cli
     from common.production import smallest_cases
 
-    if not Path(args.manifest).is_file():
-        raise SystemExit(f"error: manifest {args.manifest} not found: run `python 01_download_data.py` first")
-    try:
-        cases = read_manifest(args.manifest)
-    except (DataError, OSError, ValueError, KeyError) as exc:
-        raise SystemExit(f"error: cannot read manifest {args.manifest}: {exc}")
-    if args.cases:
-        known = {c.case_id: c for c in cases}
-        wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
-        unknown = [c for c in wanted if c not in known]
-        if unknown:
-            raise SystemExit(f"error: unknown case ids {', '.join(unknown)} (manifest has {', '.join(known)})")
-        cases = [known[c] for c in wanted]
-    else:
-        cases = smallest_cases(cases, max(1, args.max_cases))
+    cases = cli.select_cases(args, lambda found: smallest_cases(found, max(1, args.max_cases)))
     missing = [str(c.image) for c in cases if not Path(c.image).is_file()]
     if missing:
         raise SystemExit(f"error: case images missing: {', '.join(missing)}")

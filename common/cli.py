@@ -24,7 +24,8 @@ def add_benchmark_args(parser: argparse.ArgumentParser, repeats: int = 1, warmup
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def select_cases(args) -> list:
+def select_cases(args, pick_default: Callable[[list], list] | None = None) -> list:
+    """The manifest's cases named by --cases; otherwise `pick_default(cases)` or the first --max-cases."""
     from common.data import DataError, read_manifest
 
     if not Path(args.manifest).is_file():
@@ -40,7 +41,9 @@ def select_cases(args) -> list:
         if unknown:
             raise SystemExit(f"error: unknown case ids {', '.join(unknown)} (manifest has {', '.join(known)})")
         cases = [known[c] for c in wanted]
-    if args.max_cases:
+    elif pick_default is not None:
+        cases = pick_default(cases)
+    if args.max_cases and pick_default is None:
         cases = cases[:args.max_cases]
     if not cases:
         raise SystemExit("error: no cases selected")
