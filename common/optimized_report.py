@@ -83,6 +83,9 @@ def _load(out_dir: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     frame = pd.concat(frames, ignore_index=True)
     frame["variant"] = frame["variant"].fillna("")
+    optimized_cases = frame.loc[frame.implementation == "onnx_optimized", "case_id"].unique()
+    if len(optimized_cases):  # every row over the same cases, or medians compare different volumes
+        frame = frame[frame.case_id.isin(optimized_cases)]
     return frame
 
 
