@@ -10,9 +10,7 @@ Writes OUT/onnx_optimized_results.csv, OUT/optimized_report.md, OUT/optimized_pa
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from pathlib import Path
 
 from common.cli import add_benchmark_args, run_and_report
 
@@ -28,15 +26,16 @@ def list_variants() -> str:
 
 def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseline: bool,
                  calibrate: bool = True) -> tuple[list, list[str]]:
-    from common import backends
+    from common import backends, paths
+    from common.vanilla import vanilla_runner
     from common.variants import get_variant, make_pipeline_runner
     from common.weights import read_model_info
 
     info = read_model_info()
-    backends.check_onnx_matches(Path(info.get("onnx_path", "")), info.get("checkpoint_sha256"))
+    backends.check_onnx_matches(paths.ONNX_MODEL, info.get("checkpoint_sha256"))
     runners, notes = [], []
     if with_vanilla:
-        runners.append(importlib.import_module("03_vanilla_benchmark").vanilla_runner(threads))
+        runners.append(vanilla_runner(threads))
     if with_baseline:
         runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads))
     if calibrate and any(get_variant(n).backend_options.get("model") == "int8" for n in names):

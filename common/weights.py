@@ -176,7 +176,6 @@ def dataset_json() -> dict:
 def build_network(plans: dict | None = None, dataset: dict | None = None):
     """The Dataset297 network exactly as nnU-Net builds it for inference (deep supervision off)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class  # noqa: F401 (import check)
     from nnunetv2.inference.predict_from_raw_data import recursive_find_trainer_class_by_name
 
     plans_manager = PlansManager(plans or plans_json())

@@ -126,14 +126,14 @@ class FaultyServer:
         if self.drops:
             self.drops -= 1
             cut = payload[: self.drop_at]
+            entry["sent"] = len(cut)  # recorded before writing: the client may finish before this thread resumes
             h.wfile.write(cut)
             h.wfile.flush()
-            entry["sent"] = len(cut)
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
-        h.wfile.write(payload)
         entry["sent"] = len(payload)
+        h.wfile.write(payload)
 
     def close(self):
         self.httpd.shutdown()

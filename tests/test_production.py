@@ -149,5 +149,5 @@ def test_cold_start_reports_a_failing_process(tmp_path, onnx_model, threads):
     row = production.cold_start(case("bad", bad), "ort_default", threads, AFFINITY[:threads], tmp_path)
     assert row["status"] == "error" and row["returncode"] == 1
     assert row["error"].startswith(f"error: {bad}: not a readable NIfTI")
-    assert row["command"].startswith(f"taskset -c ") and " segment " in row["command"]
+    assert row["command"].startswith("taskset -c ") and " segment " in row["command"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cold_")], "temporary folder removed"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from common import paths
 from common.segment_cli import expand_inputs, main as segment_main, nifti_stem
