@@ -47,9 +47,16 @@ def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 1 / 8, max_
     return gauss
 
 
-def sliding_window(image: np.ndarray, predict: Predict, patch: tuple[int, ...], step: float, n_classes: int,
-                   on_tile: Callable[[], None] | None = None) -> np.ndarray:
-    """Logits (C, *image.shape) as float16, accumulated as nnU-Net does on CPU."""
+def _add_like_torch(logits: np.ndarray, pred: np.ndarray, gauss32: np.ndarray, sl: tuple[slice, ...]) -> None:
+    pred *= gauss32
+    # float16 += float32 computes in float32 and rounds once to float16, like torch's in-place add.
+    target = logits[(slice(None), *sl)]
+    np.add(target, pred, out=target, casting="unsafe")
+
+
+def _accumulate(image: np.ndarray, predict: Predict, patch: tuple[int, ...], step: float, n_classes: int,
+                add_tile: Callable, on_tile: Callable[[], None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Undivided float16 logits and float16 Gaussian weights over all tiles; `add_tile` adds one prediction."""
     gauss = gaussian_importance(patch)
     gauss32 = gauss.astype(np.float32)
     logits = np.zeros((n_classes, *image.shape), dtype=np.float16)
@@ -57,13 +64,17 @@ def sliding_window(image: np.ndarray, predict: Predict, patch: tuple[int, ...], 
     for sl in tile_slices(image.shape, patch, step):
         tile = np.ascontiguousarray(image[sl])[None, None]
         pred = np.asarray(predict(tile), dtype=np.float32).reshape(n_classes, *patch)
-        pred *= gauss32
-        # float16 += float32 computes in float32 and rounds once to float16, like torch's in-place add.
-        target = logits[(slice(None), *sl)]
-        np.add(target, pred, out=target, casting="unsafe")
+        add_tile(logits, pred, gauss32, sl)
         weights[sl] += gauss
         if on_tile:
             on_tile()
+    return logits, weights
+
+
+def sliding_window(image: np.ndarray, predict: Predict, patch: tuple[int, ...], step: float, n_classes: int,
+                   on_tile: Callable[[], None] | None = None) -> np.ndarray:
+    """Logits (C, *image.shape) as float16, accumulated as nnU-Net does on CPU."""
+    logits, weights = _accumulate(image, predict, patch, step, n_classes, _add_like_torch, on_tile)
     np.divide(logits, weights, out=logits)
     return logits
 
@@ -169,18 +180,10 @@ def sliding_window_accumulate(image: np.ndarray, predict: Predict, patch: tuple[
     Feed the pair to `divide_argmax` (chunked): together they give exactly `argmax_labels(sliding_window(...))`
     without a float32 copy of the 118-channel volume and without numpy's whole-volume argmax transpose.
     """
-    gauss = gaussian_importance(patch)
-    gauss32 = gauss.astype(np.float32)
-    logits = np.zeros((n_classes, *image.shape), dtype=np.float16)
-    weights = np.zeros(image.shape, dtype=np.float16)
-    for sl in tile_slices(image.shape, patch, step):
-        tile = np.ascontiguousarray(image[sl])[None, None]
-        pred = np.asarray(predict(tile), dtype=np.float32).reshape(n_classes, *patch)
+    def add_tile(logits, pred, gauss32, sl):
         accumulate_tile(logits, pred, gauss32, sl, threads)
-        weights[sl] += gauss
-        if on_tile:
-            on_tile()
-    return logits, weights
+
+    return _accumulate(image, predict, patch, step, n_classes, add_tile, on_tile)
 
 
 def divide_argmax(logits: np.ndarray, weights: np.ndarray | None, region: tuple[slice, ...] | None = None,
