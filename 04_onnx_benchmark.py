@@ -54,17 +54,8 @@ def main(argv=None) -> int:
     unknown = set(impls) - set(IMPLEMENTATIONS)
     if unknown:
         parser.error(f"unknown --impl {', '.join(sorted(unknown))}")
-    from common.cli import select_cases
-    from common.weights import WeightsError
-    select_cases(args)  # a missing manifest or unknown case id is reported before any model is loaded
-    try:
-        runners, notes = make_runners(impls, args.threads)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if not runners:
-        print("error: nothing to run", file=sys.stderr)
-        return 1
+    from common.cli import prepare_runners
+    runners, notes = prepare_runners(args, lambda: make_runners(impls, args.threads))
     if args.with_vanilla:
         from common.vanilla import vanilla_runner
         runners.insert(0, vanilla_runner(args.threads))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import add_benchmark_args, run_and_report
+from common.cli import add_benchmark_args, prepare_runners, run_and_report
 
 REPORT = "optimized_report.md"
 
@@ -79,15 +79,8 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {', '.join(unknown)} (see --list-variants)")
-    from common.weights import WeightsError
-    try:
-        runners, notes = make_runners(names, args.threads, args.with_vanilla, args.with_baseline)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if not runners:
-        print("error: nothing to run", file=sys.stderr)
-        return 1
+    runners, notes = prepare_runners(
+        args, lambda: make_runners(names, args.threads, args.with_vanilla, args.with_baseline))
     from common import optimized_report
 
     peak = None if args.no_peak else optimized_report.measure_peak_gflops(args.threads)

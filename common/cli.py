@@ -50,6 +50,20 @@ def select_cases(args, pick_default: Callable[[list], list] | None = None) -> li
     return cases
 
 
+def prepare_runners(args, make: Callable[[], tuple[list, list[str]]]) -> tuple[list, list[str]]:
+    """Check the cases first (before any model loads), then build the runners; one error line on failure."""
+    from common.weights import WeightsError
+
+    select_cases(args)
+    try:
+        runners, notes = make()
+    except WeightsError as exc:
+        raise SystemExit(f"error: {exc}")
+    if not runners:
+        raise SystemExit("error: nothing to run")
+    return runners, notes
+
+
 def run_and_report(args, runners: list, title: str, report_name: str,
                    notes: list[str] = (), extra_setup: Callable[[], None] | None = None) -> int:
     """Run the runners on the selected cases, write one CSV per implementation, the report and SUMMARY.md."""
