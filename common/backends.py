@@ -50,9 +50,14 @@ def check_onnx_matches(model_path: Path, checkpoint_sha256: str | None) -> None:
 
 
 def resolve_model(model: str | Path | None) -> Path:
-    """`None`/"fp32" = the exported model; "int8" = its calibrated QDQ copy (common/quantize.py)."""
+    """`None`/"fp32" = the exported model; "precise_norm" = the same with short-block InstanceNorm sums
+    (common/precise_norm.py); "int8" = its calibrated QDQ copy (common/quantize.py)."""
     if model in (None, "fp32"):
         return paths.ONNX_MODEL
+    if model == "precise_norm":
+        from common.precise_norm import ensure_precise_norm_model
+
+        return ensure_precise_norm_model()
     if model == "int8":
         from common.quantize import INT8_MODEL
 

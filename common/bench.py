@@ -19,7 +19,7 @@ from common.pipeline import STAGES
 
 SPLEEN = 1
 RESULT_COLUMNS = ["implementation", "variant", "tier", "case_id", "repeat", "status", "error", "wall_s",
-                  *STAGES, "n_tiles", "peak_rss_mb", "threads", "affinity", "weights_kind", "parity_agreement",
+                  *STAGES, "network_s", "n_tiles", "peak_rss_mb", "threads", "affinity", "weights_kind", "parity_agreement",
                   "parity_dice", "dice_gt_spleen", "dice_gt_mean", "cpu_model", "timestamp"]
 
 

@@ -52,6 +52,7 @@ class SegmentationResult:
 class StageTimer:
     def __init__(self):
         self.timings = {name: 0.0 for name in STAGES}
+        self.timings["network_s"] = 0.0  # inside inference_s: the runtime's own calls, without tiling/accumulation
 
     @contextmanager
     def stage(self, name: str):
@@ -60,6 +61,25 @@ class StageTimer:
             yield
         finally:
             self.timings[name] += time.perf_counter() - start
+
+
+def timed_backend(backend: Backend, timer: StageTimer) -> Backend:
+    """`backend` whose predict calls add their seconds to the timer's network_s."""
+    from dataclasses import replace
+
+    def timed(call):
+        if call is None:
+            return None
+
+        def run(array: np.ndarray) -> np.ndarray:
+            start = time.perf_counter()
+            try:
+                return call(array)
+            finally:
+                timer.timings["network_s"] += time.perf_counter() - start
+        return run
+
+    return replace(backend, predict=timed(backend.predict), predict_any=timed(backend.predict_any))
 
 
 NETWORK_STRIDE = 16  # 4 stride-2 stages: whole-volume inputs are padded to a multiple of this
@@ -103,6 +123,7 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
         else:
             n_tiles = sliding_window.count_tiles(cropped.shape, config.patch, config.step)
     with timer.stage("inference_s"):
+        backend = timed_backend(backend, timer)
         weights = None
         if config.whole_volume:
             if backend.predict_any is None:

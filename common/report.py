@@ -87,6 +87,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             "p25_s": wall.quantile(0.25) if len(ok) else np.nan,
             "p75_s": wall.quantile(0.75) if len(ok) else np.nan,
             **{stage: ok[stage].median() for stage in STAGES},
+            "network_s": ok["network_s"].median() if "network_s" in ok and ok["network_s"].notna().any() else np.nan,
             "speedup": speedups.get((impl, variant), np.nan),
             "parity_agreement": ok.parity_agreement.mean(), "parity_agreement_min": ok.parity_agreement.min(),
             "parity_dice": ok.parity_dice.mean(), "dice_gt_mean": ok.dice_gt_mean.mean(),

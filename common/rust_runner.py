@@ -180,6 +180,6 @@ def benchmark_runner(threads: int, model_path: Path = paths.ONNX_MODEL):
                 row = worker.run(input_path, Path(tmp) / "warmup.nii.gz")
         if row.get("status") != "ok":
             raise RuntimeError(row.get("error") or "totalseg-rust failed")
-        return {k: row[k] for k in (*TIMING_KEYS, "n_tiles")}
+        return {k: row[k] for k in (*TIMING_KEYS, "n_tiles", "network_s") if k in row}
 
     return Runner("rust_onnx", "ort_c_api", "exact", run)
