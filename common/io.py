@@ -81,12 +81,12 @@ def validate_nifti(path: str | Path) -> nib.Nifti1Image:
         raise InputError(f"{path}: structured/RGB voxel type {img.header.get_data_dtype()} is not a CT")
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
         raise InputError(f"{path}: the header's affine is degenerate or not finite")
-    _check_size_matches_header(path, img.header)
+    _check_size_matches_header(path, img.header, int(getattr(img.dataobj, "offset", 352)))
     return img
 
 
-def _check_size_matches_header(path: Path, header) -> None:
-    offset = int(header.get("vox_offset", 352)) if hasattr(header, "get") else 352
+def _check_size_matches_header(path: Path, header, offset: int) -> None:
+    """`offset`: where nibabel reads the voxels (a header vox_offset of 0 means right after the header)."""
     needed = offset + _expected_data_bytes(header)
     if path.name.endswith(".gz"):
         # The gzip trailer gives the size for free; only a mismatch (e.g. a multi-member stream) costs a full read.
@@ -99,6 +99,18 @@ def _check_size_matches_header(path: Path, header) -> None:
         actual = path.stat().st_size
         if actual < needed:
             raise InputError(f"{path}: truncated: the header needs {needed} bytes, the file has {actual}")
+
+
+def read_gzip(path: Path) -> bytes:
+    """The whole decompressed stream, by ISA-L (about 2.5x zlib's speed here); InputError when truncated."""
+    from isal import igzip
+
+    try:
+        with igzip.open(path, "rb") as f:
+            return f.read()
+    except (EOFError, OSError) as exc:
+        raise InputError(f"{path}: voxel data unreadable ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'truncated'})") from None
 
 
 def load_volume(path: str | Path) -> Volume:
@@ -155,7 +167,13 @@ def save_atomic(img: nib.Nifti1Image, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
     os.close(fd)
     try:
-        nib.save(img, tmp)
+        if suffix == ".nii.gz":  # ISA-L level 1: ~3.5x faster than nibabel's zlib level 1, same format
+            from isal import igzip
+
+            with igzip.open(tmp, "wb", compresslevel=1) as f:
+                f.write(img.to_bytes())
+        else:
+            nib.save(img, tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the user's usual permissions

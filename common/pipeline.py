@@ -153,19 +153,25 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
 def load_volume_lean(path: Path) -> io.Volume:
     """`io.load_volume` without the float64 copy where that copy changes nothing downstream: integer
     voxels stored with identity scaling are kept as stored (scipy's zoom reads them as double, and the
-    normalization casts them to float32 exactly). Other files go through `io.load_volume`."""
+    normalization casts them to float32 exactly); .nii.gz streams are inflated by ISA-L. Other files go
+    through `io.load_volume`."""
     img = io.validate_nifti(path)
     proxy = img.dataobj
     slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
     identity = (slope is None or np.isnan(slope) or slope == 1) and (inter is None or np.isnan(inter) or inter == 0)
     if not (np.issubdtype(img.get_data_dtype(), np.integer) and identity and hasattr(proxy, "get_unscaled")):
         return io.load_volume(path)
-    try:
-        data = np.asarray(proxy.get_unscaled())
-    except Exception:
-        return io.load_volume(path)  # its one-line InputError for unreadable data
-    if data.ndim > 3:
-        data = data.reshape(data.shape[:3])
+    shape = img.header.get_data_shape()[:3]
+    if str(path).endswith(".gz"):
+        raw = io.read_gzip(Path(path))
+        offset, dtype = int(proxy.offset), img.get_data_dtype()  # the header field can be 0
+        data = np.frombuffer(raw, dtype, count=int(np.prod(shape)), offset=offset).reshape(shape, order="F")
+    else:
+        try:
+            data = np.asarray(proxy.get_unscaled())
+        except Exception:
+            return io.load_volume(path)  # its one-line InputError for unreadable data
+        data = data.reshape(shape) if data.ndim > 3 else data
     return io.Volume(data, img.affine.copy(), img.header.copy(), Path(path))
 
 

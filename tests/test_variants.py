@@ -96,14 +96,33 @@ def test_exact_options_give_identical_labels(name, generated_volumes, tmp_path):
     assert len(np.unique(default.labels)) > 3
 
 
-def test_lean_load_matches(generated_volumes, shared_data):
+def test_lean_load_matches(generated_volumes, shared_data, tmp_path):
+    import gzip
+
+    import nibabel as nib
+
     from common import io
     from common.pipeline import load_volume_lean
 
-    for path in (generated_volumes["lps_anisotropic"], shared_data / "example_ct_sm.nii.gz"):
+    source = shared_data / "example_ct_sm.nii.gz"
+    big_endian = tmp_path / "big_endian.nii.gz"  # a byte order and a multi-member stream ISA-L must read
+    image = nib.load(source)
+    header = image.header.copy()
+    header.set_data_dtype(np.dtype(">i2"))
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj).astype(">i2"), image.affine, header), big_endian)
+    raw = gzip.decompress(big_endian.read_bytes())
+    big_endian.write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    for path in (generated_volumes["lps_anisotropic"], source, big_endian):
         lean, full = load_volume_lean(path), io.load_volume(path)
+        assert np.issubdtype(lean.data.dtype, np.integer)
         np.testing.assert_array_equal(lean.data.astype(np.float64), full.data)
         np.testing.assert_array_equal(lean.affine, full.affine)
+    corrupt = tmp_path / "corrupt.nii.gz"  # header and trailer intact, the deflate stream broken mid-way
+    packed = bytearray(gzip.compress(raw))
+    packed[len(packed) // 2:len(packed) // 2 + 64] = bytes(64)
+    corrupt.write_bytes(bytes(packed))
+    with pytest.raises(io.InputError, match="unreadable"):
+        load_volume_lean(corrupt)
 
 
 # --- against vanilla ------------------------------------------------------------------------------------
