@@ -11,7 +11,7 @@ OPT_ARGS   ?=
 PROD_ARGS  ?= --max-cases 3 --repeats 3
 else
 BENCH_ARGS ?= --repeats 1 --warmup 0 --max-cases 2
-OPT_ARGS   ?= --max-cases 1 --variants ort_tuned_fast,ov_f32_fast,ov_bf16_fast,ov_bf16_bodycrop,ov_int8_fast
+OPT_ARGS   ?= --max-cases 1 --variants ort_tuned_fast,ov_f32_exact,ov_f32_fast,ov_bf16_fast,ov_bf16_whole
 PROD_ARGS  ?=
 endif
 

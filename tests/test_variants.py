@@ -18,7 +18,7 @@ from common.backends import Backend, BackendUnavailable
 from common.pipeline import PipelineConfig, segment_file
 from common.variants import FAST, VARIANTS
 
-from parity_bounds import TWIN_MIN, ort_bound  # noqa: E402
+from parity_bounds import TWIN_MIN, exact_bound  # noqa: E402
 EXACT = [n for n, v in VARIANTS.items() if v.tier == "exact" and n != "ort_default"]
 APPROXIMATE = [n for n, v in VARIANTS.items() if v.tier == "approximate"]
 INPUTS = ["example_ct.nii.gz", "example_ct_sm.nii.gz", "lps_anisotropic", "ras_3mm"]
@@ -175,7 +175,8 @@ def test_exact_variant_matches_vanilla(variant, name, shared_data, generated_vol
     backend = _variant_backend(variant, threads)
     agreement, _ = _agreement(_input(name, shared_data, generated_volumes), backend, VARIANTS[variant].config,
                               vanilla, tmp_path)
-    assert agreement >= ort_bound(name), f"{variant} on {name}: agreement {agreement:.6f} < {ort_bound(name)}"
+    bound = exact_bound(VARIANTS[variant].backend_options, name)
+    assert agreement >= bound, f"{variant} on {name}: agreement {agreement:.6f} < {bound}"
 
 
 @pytest.fixture(scope="module")
