@@ -33,11 +33,11 @@ def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseli
 
     info = read_model_info()
     backends.check_onnx_matches(paths.ONNX_MODEL, info.get("checkpoint_sha256"))
-    runners, notes = [], []
+    runners, notes = [], ["- Each variant runs in its own worker process; its peak memory is that process tree's."]
     if with_vanilla:
         runners.append(vanilla_runner(threads))
     if with_baseline:
-        runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads))
+        runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads, isolated=True))
     if calibrate and any(get_variant(n).backend_options.get("model") == "int8" for n in names):
         try:
             from common.quantize import ensure_int8_model
@@ -47,7 +47,7 @@ def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseli
     for name in names:
         variant = get_variant(name)
         try:
-            runners.append(make_pipeline_runner("onnx_optimized", variant, threads))
+            runners.append(make_pipeline_runner("onnx_optimized", variant, threads, isolated=True))
         except (backends.BackendUnavailable, ImportError, FileNotFoundError) as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             notes.append(f"- Variant `{name}` ({variant.tier}) skipped: {reason}")

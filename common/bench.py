@@ -1,7 +1,8 @@
 """The timing harness: warm-up, repeats, implementations interleaved case by case, scoring, CSV rows.
 
 A runner is `run(input_path, output_path) -> dict` (stage seconds, n_tiles); the harness measures
-the wall time around it, the peak memory of the process tree, and scores the written labels.
+the wall time around it, the peak memory of the process tree (this process's, or the runner's worker's),
+and scores the written labels.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class Runner:
     variant: str
     tier: str  # exact | approximate
     run: Callable[[Path, Path], dict]
+    # The runner's worker process, whose tree alone is its peak memory (None: this process and its children).
+    memory_pid: Callable[[], int] | None = None
+    close: Callable[[], None] | None = None
 
     def output_path(self, out_dir: Path, case_id: str) -> Path:
         if self.implementation == "vanilla":
@@ -90,19 +94,34 @@ def run_benchmark(runners: list[Runner], cases: list, *, repeats: int = 1, warmu
             for repeat in range(repeats):
                 for runner in runners:
                     bar.set_postfix_str(f"{runner.variant or runner.implementation} {case.case_id}")
-                    rows.append(_run_one(runner, case, repeat, out_dir, base))
+                    rows.append(_run_one(runner, case, repeat, out_dir, base, _worker_pids(runners, runner)))
                     bar.update()
                     if on_rows:
                         on_rows(rows)
     return rows
 
 
-def _run_one(runner: Runner, case, repeat: int, out_dir: Path, base: dict) -> dict:
+def _worker_pids(runners: list[Runner], measured: Runner) -> set[int]:
+    """The other runners' worker processes: idle, they are not `measured`'s memory."""
+    if measured.memory_pid:
+        return set()
+    pids = set()
+    for runner in runners:
+        if runner.memory_pid and runner is not measured:
+            try:
+                pids.add(runner.memory_pid())
+            except Exception:
+                pass  # a worker that cannot start holds no memory
+    return pids
+
+
+def _run_one(runner: Runner, case, repeat: int, out_dir: Path, base: dict, exclude: set[int] = frozenset()) -> dict:
     row = {**base, "implementation": runner.implementation, "variant": runner.variant, "tier": runner.tier,
            "case_id": case.case_id, "repeat": repeat, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
     output = runner.output_path(out_dir, case.case_id)
     try:
-        with PeakMemory() as peak:
+        pid = runner.memory_pid() if runner.memory_pid else None
+        with PeakMemory(pid=pid, exclude=exclude) as peak:
             start = time.perf_counter()
             timings = runner.run(case.image, output)
             wall = time.perf_counter() - start

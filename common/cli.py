@@ -81,9 +81,14 @@ def run_and_report(args, runners: list, title: str, report_name: str,
             if impl_rows:
                 report.write_results(impl_rows, report.results_path(args.out, impl))
 
-    rows = bench.run_benchmark(runners, cases, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
-                               environment=environment, out_dir=args.out, on_rows=save,
-                               progress=not args.no_progress)
+    try:
+        rows = bench.run_benchmark(runners, cases, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                                   environment=environment, out_dir=args.out, on_rows=save,
+                                   progress=not args.no_progress)
+    finally:
+        for runner in runners:
+            if runner.close:
+                runner.close()
     import pandas as pd
 
     frame = pd.DataFrame(rows).reindex(columns=bench.RESULT_COLUMNS)

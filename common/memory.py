@@ -1,4 +1,4 @@
-"""Peak memory of this process and its children while a block runs (sampled).
+"""Peak memory of a process (this one, or a worker by pid) and its children while a block runs (sampled).
 
 With worker processes (TotalSegmentator spawns several) summed RSS counts shared pages once per
 process; the proportional set size (PSS) splits them, so the tree's sum is what it really holds.
@@ -11,18 +11,33 @@ import psutil
 
 
 class PeakMemory:
-    """`with PeakMemory() as peak: ...; peak.mb` -- RSS alone, or PSS summed over the tree with children."""
+    """`with PeakMemory() as peak: ...; peak.mb` -- RSS alone, or PSS summed over the tree with children.
 
-    def __init__(self, interval: float = 0.05):
+    `pid`: the tree's root (default: this process). A root that dies meanwhile counts as 0 from then on,
+    so the caller sees its own error for the death, not the sampler's. `exclude`: children whose subtrees
+    are not counted (other runners' idle worker processes)."""
+
+    def __init__(self, interval: float = 0.05, pid: int | None = None, exclude: set[int] = frozenset()):
         self.interval = interval
+        self.exclude = set(exclude)
         self.mb = 0.0
         self._stop = threading.Event()
-        self._process = psutil.Process()
+        try:
+            self._process = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            self._process = None
 
     def _tree_rss(self) -> int:
-        children = self._process.children(recursive=True)
-        if not children:
-            return self._process.memory_info().rss
+        if self._process is None:
+            return 0
+        try:
+            children = self._process.children(recursive=True)
+            if self.exclude:
+                children = [c for c in children if not self._excluded(c)]
+            if not children:
+                return self._process.memory_info().rss
+        except psutil.NoSuchProcess:
+            return 0
         total = 0
         for proc in [self._process, *children]:
             try:
@@ -30,6 +45,12 @@ class PeakMemory:
             except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
                 pass
         return total
+
+    def _excluded(self, proc: psutil.Process) -> bool:
+        try:
+            return proc.pid in self.exclude or any(p.pid in self.exclude for p in proc.parents())
+        except psutil.NoSuchProcess:
+            return True
 
     def _sample(self) -> None:
         while True:

@@ -79,10 +79,22 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
-def make_pipeline_runner(implementation: str, variant: Variant, threads: int):
-    """A bench.Runner running `variant` through the shared pipeline (backend built once)."""
-    from common.backends import make_backend
+def make_pipeline_runner(implementation: str, variant: Variant, threads: int, isolated: bool = False):
+    """A bench.Runner running `variant` through the shared pipeline (backend built once).
+
+    `isolated`: the backend lives in its own worker process (common/variant_worker.py), so the row's peak
+    memory is that process tree's alone and no other runner's runtime shares its memory.
+    """
     from common.bench import Runner
+
+    if isolated:
+        from common.variant_worker import VariantWorker
+
+        worker = VariantWorker(variant, threads)
+        return Runner(implementation, variant.name, variant.tier, worker.run, memory_pid=worker.pid,
+                      close=worker.close)
+
+    from common.backends import make_backend
     from common.pipeline import segment_file
 
     backend = make_backend(variant.backend, threads, **variant.backend_options)

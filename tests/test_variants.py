@@ -202,16 +202,18 @@ def test_approximate_variant_runs(variant, generated_volumes, onnx_model, int8_m
 
 
 def test_missing_runtime_is_skipped_not_crashed(monkeypatch, onnx_model, threads):
-    from common import backends
+    """The openvino package hidden (as if not installed): its rows are skipped with the reason, the rest run."""
+    import sys
 
-    def unavailable(*_, **__):
-        raise BackendUnavailable("openvino not installed: test")
-
-    monkeypatch.setitem(backends.BACKENDS, "openvino", unavailable)
+    monkeypatch.setitem(sys.modules, "openvino", None)
     script = importlib.import_module("05_optimized_python_benchmark")
     runners, notes = script.make_runners(["ov_f32_fast", "ort_tuned"], threads, False, False, calibrate=False)
-    assert [r.variant for r in runners] == ["ort_tuned"]
-    assert any("ov_f32_fast" in n and "skipped" in n and "openvino not installed" in n for n in notes)
+    try:
+        assert [r.variant for r in runners] == ["ort_tuned"]
+        assert any("ov_f32_fast" in n and "skipped" in n and "openvino not installed" in n for n in notes)
+    finally:
+        for runner in runners:
+            runner.close()
 
 
 def test_variants_are_listed():
