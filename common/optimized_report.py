@@ -60,12 +60,16 @@ def static_notes(notes: list[str], peak: float | None) -> list[str]:
              "with vanilla beside its speed.",
              "- With stand-in weights the approximate rows show **drift from vanilla only**: their real Dice "
              "needs the real weights; the same command measures it (Dice vs GT column) where they are present.",
+             "- `ov_f32_exact` runs the ONNX model with each InstanceNormalization rewritten as the same math with "
+             "short-block sums (common/precise_norm.py): OpenVINO's (and ORT's) one-pass float32 statistics over a "
+             "1.6 M-voxel channel are off by ~1e-4 relative, torch's are not, and that was most of the drift of "
+             "the ONNX rows from vanilla. `ov_f32_fast` is the same runtime on the unmodified model.",
              "- INT8 models are calibrated on phantoms generated for calibration only (seeds 1001, 1002), never "
              "on evaluation cases.",
              "- Whole-volume rows: `n_tiles` is the padded volume in patch equivalents; the first run of a new "
              "volume shape includes OpenVINO's compile for that shape (cached in models/openvino_cache).",
              f"- Network efficiency = n_tiles x {gflop_per_patch():.0f} GFLOP per 112x112x128 patch / "
-             "inference stage seconds / measured peak"
+             "network seconds (time inside the runtime's calls) / measured peak"
              + (f" ({peak:.0f} GFLOP/s, best float32 SGEMM on these threads, measured at the start of this run)."
                 if peak else " (peak not measured: --no-peak)."),
              "  bf16/int8 rows can exceed 100%: their arithmetic is cheaper than the float32 peak.",

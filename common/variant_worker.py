@@ -1,4 +1,4 @@
-"""One pipeline variant in its own persistent worker process.
+"""One pipeline variant in its own worker process.
 
 A variant's runtime (an ONNX Runtime session, an OpenVINO compiled model: 1-3 GB) lives in its
 worker, so the peak memory measured for a variant is that worker's process tree alone, and a case
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import os
 import pickle
 import signal
 from pathlib import Path
@@ -78,6 +79,16 @@ def _exit_reason(code: int | None) -> str:
     return ""
 
 
+def _warm_up(backend) -> None:
+    """One untimed inference at start-up: a worker lives for one run, and a runtime's first call pays for
+    its memory arena and lazy kernel set-up, which a long-running service pays once."""
+    import numpy as np
+
+    from common.weights import PATCH_SIZE
+
+    backend.predict(np.zeros((1, 1, *PATCH_SIZE), dtype=np.float32))
+
+
 def _serve(conn, variant_payload: bytes, threads: int) -> None:
     """The worker: thread settings first (before numpy and the runtimes load), the backend, then cases."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the worker
@@ -98,9 +109,14 @@ def _serve(conn, variant_payload: bytes, threads: int) -> None:
     from common.bench import one_line
     from common.pipeline import segment_file
 
+    _warm_up(backend)
     conn.send(("ready", None))
+    parent = os.getppid()
     try:
         while True:
+            while not conn.poll(POLL_S):
+                if os.getppid() != parent:  # orphaned (a forked grandchild may still hold the pipe open)
+                    return
             try:
                 job = conn.recv()
             except EOFError:  # the parent is gone

@@ -82,8 +82,9 @@ def get_variant(name: str) -> Variant:
 def make_pipeline_runner(implementation: str, variant: Variant, threads: int, isolated: bool = False):
     """A bench.Runner running `variant` through the shared pipeline (backend built once).
 
-    `isolated`: the backend lives in its own worker process (common/variant_worker.py), so the row's peak
-    memory is that process tree's alone and no other runner's runtime shares its memory.
+    `isolated`: the backend lives in its own worker process (common/variant_worker.py), started (and warmed
+    up) before each timed run and stopped after it: the row's peak memory is that process tree's alone, and
+    idle variants hold no memory (nine idle 2-4 GB runtimes exhausted a 24 GB machine).
     """
     from common.bench import Runner
 
@@ -91,7 +92,14 @@ def make_pipeline_runner(implementation: str, variant: Variant, threads: int, is
         from common.variant_worker import VariantWorker
 
         worker = VariantWorker(variant, threads)
-        return Runner(implementation, variant.name, variant.tier, worker.run, memory_pid=worker.pid,
+
+        def run_and_release(input_path: Path, output_path: Path | None) -> dict:
+            try:
+                return worker.run(input_path, output_path)
+            finally:
+                worker.close()  # no idle runtimes: the next run (memory_pid) starts and warms a fresh worker
+
+        return Runner(implementation, variant.name, variant.tier, run_and_release, memory_pid=worker.pid,
                       close=worker.close)
 
     from common.backends import make_backend

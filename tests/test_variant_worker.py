@@ -4,6 +4,7 @@
   is the worker's (the benchmark process does not hold the session);
 - a worker killed between runs or mid-run is one error row ("died"), then a fresh worker serves;
 - a bad input is a one-line error and the same worker serves the next case;
+- the runner stops its worker after each run: idle variants hold no memory;
 - a backend the worker cannot build reaches the parent at start-up as the same exception.
 """
 from __future__ import annotations
@@ -103,16 +104,26 @@ def test_killed_worker_is_one_error_then_a_fresh_worker(isolated, small, tmp_pat
     assert not list(tmp_path.rglob("*.nii.gz"))  # nothing written by the killed runs
 
 
-def test_bad_input_is_one_line_and_the_worker_goes_on(isolated, small, tmp_path):
+def test_bad_input_is_one_line_and_the_worker_goes_on(small, threads, tmp_path):
     bad = tmp_path / "x.nii.gz"
     bad.write_text("not an image")
+    worker = VariantWorker(VARIANT, threads)
+    try:
+        pid = worker.pid()
+        with pytest.raises(RuntimeError) as info:
+            worker.run(bad, tmp_path / "out.nii.gz")
+        message = str(info.value)
+        assert "\n" not in message and message.startswith("InputError:") and "not a readable NIfTI" in message
+        assert worker.run(small, None)["n_tiles"] == 1
+        assert worker.pid() == pid
+    finally:
+        worker.close()
+
+
+def test_runner_holds_no_idle_worker(isolated, small):
     pid = isolated.memory_pid()
-    with pytest.raises(RuntimeError) as info:
-        isolated.run(bad, tmp_path / "out.nii.gz")
-    message = str(info.value)
-    assert "\n" not in message and message.startswith("InputError:") and "not a readable NIfTI" in message
     assert isolated.run(small, None)["n_tiles"] == 1
-    assert isolated.memory_pid() == pid
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_backend_build_failure_reaches_the_parent(threads):
