@@ -91,7 +91,8 @@ def make_pipeline_runner(implementation: str, variant: Variant, threads: int, is
     if isolated:
         from common.variant_worker import VariantWorker
 
-        worker = VariantWorker(variant, threads)
+        worker = VariantWorker(variant, threads)  # builds once here, so a runtime that cannot run is skipped
+        worker.close()
 
         def run_and_release(input_path: Path, output_path: Path | None) -> dict:
             try:

@@ -129,3 +129,16 @@ def test_runner_holds_no_idle_worker(isolated, small):
 def test_backend_build_failure_reaches_the_parent(threads):
     with pytest.raises(BackendUnavailable, match="unknown backend 'no_such_runtime'"):
         VariantWorker(Variant("broken", "exact", "no_such_runtime", "test"), threads)
+
+
+def test_building_a_runner_leaves_no_worker_running(onnx_model, threads):
+    def workers() -> set[int]:
+        return {c.pid for c in psutil.Process().children(recursive=True)
+                if c.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(c.cmdline())}
+
+    before = workers()
+    runner = make_pipeline_runner("onnx_optimized", VARIANT, threads, isolated=True)
+    try:
+        assert workers() - before == set()
+    finally:
+        runner.close()
