@@ -4,7 +4,9 @@
 A variant is a named configuration in common/variants.py (runtime + options + pipeline settings).
 `--list-variants` prints them; `--variants a,b,c` picks some (default: all but `ort_default`, which is
 the `onnx_baseline` row). `--with-vanilla` / `--with-baseline` interleave TotalSegmentator itself and the
-default ONNX Runtime pipeline in the same run, so every speedup is a ratio measured in one run.
+default ONNX Runtime pipeline in the same run, so every speedup is a ratio measured in one run. Each
+variant runs in a worker process of its own (started before each timed run, stopped after it), so its
+peak memory is its own and a case that exhausts memory costs one error row.
 Writes OUT/onnx_optimized_results.csv, OUT/optimized_report.md, OUT/optimized_pareto.png, OUT/SUMMARY.md.
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseli
 
     info = read_model_info()
     backends.check_onnx_matches(paths.ONNX_MODEL, info.get("checkpoint_sha256"))
-    runners, notes = [], ["- Each variant runs in its own worker process; its peak memory is that process tree's."]
+    runners, notes = [], ["- Each variant runs in its own worker process, started and warmed up (one untimed inference) "
+                          "before each timed run and stopped after it: its peak memory is that process tree's alone."]
     if with_vanilla:
         runners.append(vanilla_runner(threads))
     if with_baseline:

@@ -94,34 +94,20 @@ def run_benchmark(runners: list[Runner], cases: list, *, repeats: int = 1, warmu
             for repeat in range(repeats):
                 for runner in runners:
                     bar.set_postfix_str(f"{runner.variant or runner.implementation} {case.case_id}")
-                    rows.append(_run_one(runner, case, repeat, out_dir, base, _worker_pids(runners, runner)))
+                    rows.append(_run_one(runner, case, repeat, out_dir, base))
                     bar.update()
                     if on_rows:
                         on_rows(rows)
     return rows
 
 
-def _worker_pids(runners: list[Runner], measured: Runner) -> set[int]:
-    """The other runners' worker processes: idle, they are not `measured`'s memory."""
-    if measured.memory_pid:
-        return set()
-    pids = set()
-    for runner in runners:
-        if runner.memory_pid and runner is not measured:
-            try:
-                pids.add(runner.memory_pid())
-            except Exception:
-                pass  # a worker that cannot start holds no memory
-    return pids
-
-
-def _run_one(runner: Runner, case, repeat: int, out_dir: Path, base: dict, exclude: set[int] = frozenset()) -> dict:
+def _run_one(runner: Runner, case, repeat: int, out_dir: Path, base: dict) -> dict:
     row = {**base, "implementation": runner.implementation, "variant": runner.variant, "tier": runner.tier,
            "case_id": case.case_id, "repeat": repeat, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
     output = runner.output_path(out_dir, case.case_id)
     try:
         pid = runner.memory_pid() if runner.memory_pid else None
-        with PeakMemory(pid=pid, exclude=exclude) as peak:
+        with PeakMemory(pid=pid) as peak:
             start = time.perf_counter()
             timings = runner.run(case.image, output)
             wall = time.perf_counter() - start

@@ -14,12 +14,10 @@ class PeakMemory:
     """`with PeakMemory() as peak: ...; peak.mb` -- RSS alone, or PSS summed over the tree with children.
 
     `pid`: the tree's root (default: this process). A root that dies meanwhile counts as 0 from then on,
-    so the caller sees its own error for the death, not the sampler's. `exclude`: children whose subtrees
-    are not counted (other runners' idle worker processes)."""
+    so the caller sees its own error for the death, not the sampler's."""
 
-    def __init__(self, interval: float = 0.05, pid: int | None = None, exclude: set[int] = frozenset()):
+    def __init__(self, interval: float = 0.05, pid: int | None = None):
         self.interval = interval
-        self.exclude = set(exclude)
         self.mb = 0.0
         self._stop = threading.Event()
         try:
@@ -32,8 +30,6 @@ class PeakMemory:
             return 0
         try:
             children = self._process.children(recursive=True)
-            if self.exclude:
-                children = [c for c in children if not self._excluded(c)]
             if not children:
                 return self._process.memory_info().rss
         except psutil.NoSuchProcess:
@@ -45,12 +41,6 @@ class PeakMemory:
             except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
                 pass
         return total
-
-    def _excluded(self, proc: psutil.Process) -> bool:
-        try:
-            return proc.pid in self.exclude or any(p.pid in self.exclude for p in proc.parents())
-        except psutil.NoSuchProcess:
-            return True
 
     def _sample(self) -> None:
         while True:
