@@ -49,6 +49,16 @@ def check_onnx_matches(model_path: Path, checkpoint_sha256: str | None) -> None:
                                f"not the current one {checkpoint_sha256[:16]}: rerun 02_export_model.py")
 
 
+def import_runtime(module: str):
+    """The runtime's Python package, or BackendUnavailable (the benchmark reports the row as skipped)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{module} not installed: {exc}") from None
+
+
 def resolve_model(model: str | Path | None) -> Path:
     """`None`/"fp32" = the exported model; "precise_norm" = the same with short-block InstanceNorm sums
     (common/precise_norm.py); "int8" = its calibrated QDQ copy (common/quantize.py)."""
@@ -76,12 +86,8 @@ def onnxruntime_backend(threads: int, model_path: Path = paths.ONNX_MODEL, tuned
     `reuse_output`: bind one preallocated output buffer (IOBinding) instead of a fresh 760 MB array
     per tile (page faults are expensive here); `predict` then returns that buffer, valid until the next call.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise BackendUnavailable(f"onnxruntime not installed: {exc}") from None
-    if model is not None:
-        model_path = resolve_model(model)
+    ort = import_runtime("onnxruntime")
+    model_path = resolve_model(model) if model is not None else model_path
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     if tuned:
@@ -135,12 +141,8 @@ def openvino_backend(threads: int, model_path: Path = paths.ONNX_MODEL, precisio
     `precision`: INFERENCE_PRECISION_HINT, "f32" (exact tier) or "bf16" (AMX/AVX-512 bf16, approximate).
     `predict_any` reshapes and compiles the model once per new input shape (whole-volume inference).
     """
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise BackendUnavailable(f"openvino not installed: {exc}") from None
-    if model is not None:
-        model_path = resolve_model(model)
+    ov = import_runtime("openvino")
+    model_path = resolve_model(model) if model is not None else model_path
     core = ov.Core()
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
