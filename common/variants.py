@@ -24,7 +24,8 @@ class Variant:
 FAST = PipelineConfig(lean_load=True, fast_resample=True, fused_normalize=True, fast_accumulate=True,
                       chunked_argmax=True)
 # Denormals-as-zero stays off: ORT sets it on the calling thread too, which then changes torch (vanilla,
-# run in the same process) and drifted the reference by 0.6% on example_ct_sm with stand-in weights.
+# run in the same process) and drifted the reference by 0.6% on example_ct_sm with stand-in weights. 05 now runs
+# each variant in its own process; 06's in-process runs and the tests still share one.
 ORT_TUNED = {"tuned": True, "denormals_as_zero": False, "optimized_model_cache": "auto"}
 OV_F32, OV_BF16 = {"precision": "f32"}, {"precision": "bf16"}
 
