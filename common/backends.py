@@ -1,4 +1,5 @@
-"""Runtimes behind one small interface: `backend.predict(patch) -> logits` (float32 numpy in and out).
+"""Runtimes behind one small interface: `backend.predict(patch) -> logits` (float32 numpy in and out), or
+`backend.labels_any(volume) -> labels` for a whole-volume pass.
 
 Adding a runtime = one factory function registered in BACKENDS.
 """
@@ -20,11 +21,12 @@ class BackendUnavailable(RuntimeError):
 @dataclass
 class Backend:
     name: str
-    predict: Callable[[np.ndarray], np.ndarray]
+    predict: Callable[[np.ndarray], np.ndarray] | None  # patch logits; None for a whole-volume-only backend
     details: dict = field(default_factory=dict)
     close: Callable[[], None] = lambda: None
-    # Optional: logits for an input of any shape (whole-volume inference); None = patch shape only.
-    predict_any: Callable[[np.ndarray], np.ndarray] | None = None
+    # Optional: uint8 labels (1, 1, D, H, W), the argmax over classes taken inside the runtime (ties to the
+    # lowest class), for an input (1, 1, D, H, W) of any shape: the whole-volume pass.
+    labels_any: Callable[[np.ndarray], np.ndarray] | None = None
     # True where `predict` returns a buffer the backend reuses: valid only until the next call.
     reuses_output: bool = False
 
@@ -134,12 +136,25 @@ def onnxruntime_backend(threads: int, model_path: Path = paths.ONNX_MODEL, tuned
     return Backend("onnxruntime", predict_bound, details, reuses_output=True)
 
 
+def _with_argmax(ov, model):
+    """`model` whose output is the uint8 class index per voxel (TopK k=1, stable: ties to the lowest class)."""
+    from openvino import opset13 as ops
+
+    logits = model.get_results()[0].input_value(0)
+    top = ops.topk(logits, ops.constant(np.int64(1)), axis=1, mode="max", sort="value",
+                   index_element_type=ov.Type.i32, stable=True)
+    return ov.Model([ops.convert(top.output(1), ov.Type.u8).output(0)], model.get_parameters(), "labels")
+
+
 def openvino_backend(threads: int, model_path: Path = paths.ONNX_MODEL, precision: str = "f32",
-                     model: str | None = None, cache_dir: Path | None = paths.MODELS_DIR / "openvino_cache") -> Backend:
-    """OpenVINO CPU, static patch shape, one infer request whose output buffer is reused.
+                     model: str | None = None, cache_dir: Path | None = paths.MODELS_DIR / "openvino_cache",
+                     whole_volume: bool = False) -> Backend:
+    """OpenVINO CPU, one infer request whose output buffer is reused.
 
     `precision`: INFERENCE_PRECISION_HINT, "f32" (exact tier) or "bf16" (AMX/AVX-512 bf16, approximate).
-    `predict_any` reshapes and compiles the model once per new input shape (whole-volume inference).
+    Default: the static patch shape, `predict` gives logits. `whole_volume`: instead, one model compiled for
+    any input shape with the argmax appended (`labels_any`): no per-case compilation, and no 118-channel
+    float32 volume (1.5 GB at 144x144x160) leaves the runtime.
     """
     ov = import_runtime("openvino")
     model_path = resolve_model(model) if model is not None else model_path
@@ -151,31 +166,27 @@ def openvino_backend(threads: int, model_path: Path = paths.ONNX_MODEL, precisio
         raise BackendUnavailable("this CPU has no bf16 support (OpenVINO OPTIMIZATION_CAPABILITIES)")
     config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
               "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    base = core.read_model(str(model_path))
-    compiled_by_shape: dict[tuple, object] = {}
+    net = core.read_model(str(model_path))
+    details = {"openvino": ov.__version__, "threads": threads, "precision": precision, "model": Path(model_path).name}
 
-    def request_for(shape: tuple[int, ...]):
-        if shape not in compiled_by_shape:
-            net = base if tuple(base.inputs[0].get_partial_shape().to_shape()) == shape else base.clone()
-            if net is not base:
-                net.reshape({net.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
-            compiled_by_shape[shape] = core.compile_model(net, "CPU", config).create_infer_request()
-        return compiled_by_shape[shape]
+    if whole_volume:
+        net.reshape({net.inputs[0].get_any_name(): ov.PartialShape([1, 1, -1, -1, -1])})
+        labels_request = core.compile_model(_with_argmax(ov, net), "CPU", config).create_infer_request()
 
-    static_shape = tuple(base.inputs[0].get_partial_shape().to_shape())
-    request = request_for(static_shape)
+        def labels_any(image: np.ndarray) -> np.ndarray:
+            labels_request.infer({0: np.ascontiguousarray(image, dtype=np.float32)}, share_inputs=True)
+            return labels_request.get_output_tensor(0).data
+
+        return Backend("openvino", None, {**details, "whole_volume": True}, labels_any=labels_any,
+                       reuses_output=True)
+
+    request = core.compile_model(net, "CPU", config).create_infer_request()
 
     def predict(patch: np.ndarray) -> np.ndarray:
         request.infer({0: np.ascontiguousarray(patch, dtype=np.float32)}, share_inputs=True)
         return request.get_output_tensor(0).data
 
-    def predict_any(image: np.ndarray) -> np.ndarray:
-        req = request_for(tuple(image.shape))
-        req.infer({0: np.ascontiguousarray(image, dtype=np.float32)}, share_inputs=True)
-        return req.get_output_tensor(0).data
-
-    details = {"openvino": ov.__version__, "threads": threads, "precision": precision, "model": Path(model_path).name}
-    return Backend("openvino", predict, details, predict_any=predict_any, reuses_output=True)
+    return Backend("openvino", predict, details, reuses_output=True)
 
 
 def torch_backend(threads: int, weights=None) -> Backend:

@@ -79,7 +79,7 @@ def timed_backend(backend: Backend, timer: StageTimer) -> Backend:
                 timer.timings["network_s"] += time.perf_counter() - start
         return run
 
-    return replace(backend, predict=timed(backend.predict), predict_any=timed(backend.predict_any))
+    return replace(backend, predict=timed(backend.predict), labels_any=timed(backend.labels_any))
 
 
 NETWORK_STRIDE = 16  # 4 stride-2 stages: whole-volume inputs are padded to a multiple of this
@@ -101,7 +101,7 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
     with timer.stage("preprocess_s"):
         zoom = resample.zoom_factors(spacing)
         if np.issubdtype(data_ras.dtype, np.integer):
-            resampled = resample.to_target_spacing_from_int(data_ras, zoom, order=config.resample_order)
+            resampled = resample.to_target_spacing_from_int(data_ras, zoom, config.resample_order, threads)
         else:
             resampled = resample.to_target_spacing(data_ras, zoom, order=config.resample_order)
         image = resampled.transpose(2, 1, 0)
@@ -124,13 +124,15 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
             n_tiles = sliding_window.count_tiles(cropped.shape, config.patch, config.step)
     with timer.stage("inference_s"):
         backend = timed_backend(backend, timer)
-        weights = None
+        logits = weights = labels_cropped = None
         if config.whole_volume:
-            if backend.predict_any is None:
+            if backend.labels_any is None:
                 raise ValueError(f"backend {backend.name} runs only its fixed patch shape: no whole-volume pass")
-            logits = backend.predict_any(np.ascontiguousarray(padded)[None, None])[0]
+            labels_cropped = backend.labels_any(np.ascontiguousarray(padded)[None, None])[0, 0][unpad]
             if on_tile:
                 on_tile()
+        elif backend.predict is None:
+            raise ValueError(f"backend {backend.name} was built for whole-volume labels: no tiles")
         elif config.fast_accumulate:
             logits, weights = sliding_window.sliding_window_accumulate(
                 padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads)
@@ -138,15 +140,17 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
             logits = sliding_window.sliding_window(padded, backend.predict, config.patch, config.step,
                                                    NUM_CLASSES, on_tile)
     with timer.stage("postprocess_s"):
-        if config.chunked_argmax or weights is not None or config.whole_volume:
+        if labels_cropped is None and (config.chunked_argmax or weights is not None):
             labels_cropped = sliding_window.divide_argmax(logits, weights, unpad, threads)
-        else:
+        elif labels_cropped is None:
             labels_cropped = sliding_window.argmax_labels(logits[(slice(None), *unpad)])
         del logits, weights
         labels = np.zeros(image.shape, dtype=np.uint8)
         labels[preprocess.bbox_slices(box)] = labels_cropped
-        to_shape = resample.labels_to_shape_fast if config.fast_resample else resample.labels_to_shape
-        labels = to_shape(labels.transpose(2, 1, 0), data_ras.shape)
+        if config.fast_resample:  # gathered on the (z, y, x) array: (x, y, z) in Fortran order, as NIfTI stores it
+            labels = resample.labels_to_shape_fast(labels, data_ras.shape[::-1]).transpose(2, 1, 0)
+        else:
+            labels = resample.labels_to_shape(labels.transpose(2, 1, 0), data_ras.shape)
     return labels, n_tiles
 
 

@@ -77,11 +77,15 @@ def rewrite_instance_norm(model):
         nodes += [helper.make_node("Sub", [x, p + "mean"], [p + "centred"]),
                   helper.make_node("Mul", [p + "centred", p + "centred"], [p + "squared"])]
         nodes += block_mean(p + "squared", p + "variance", height)
+        # y = x * alpha + beta with per-channel alpha = scale / std, beta = bias - mean * alpha: torch's own
+        # form (one full-size pass instead of subtract, divide, scale, shift)
         nodes += [helper.make_node("Add", [p + "variance", eps], [p + "variance_eps"]),
                   helper.make_node("Sqrt", [p + "variance_eps"], [p + "std"]),
-                  helper.make_node("Div", [p + "centred", p + "std"], [p + "normalized"]),
-                  helper.make_node("Mul", [p + "normalized", p + "scale"], [p + "scaled"]),
-                  helper.make_node("Add", [p + "scaled", p + "bias"], list(node.output))]
+                  helper.make_node("Div", [p + "scale", p + "std"], [p + "alpha"]),
+                  helper.make_node("Mul", [p + "mean", p + "alpha"], [p + "mean_alpha"]),
+                  helper.make_node("Sub", [p + "bias", p + "mean_alpha"], [p + "beta"]),
+                  helper.make_node("Mul", [x, p + "alpha"], [p + "scaled"]),
+                  helper.make_node("Add", [p + "scaled", p + "beta"], list(node.output))]
     del graph.node[:]
     graph.node.extend(nodes)
     return model

@@ -48,7 +48,8 @@ def labels_to_shape(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 # Faster equivalents (exact tier): the same arrays as the scipy calls above, bit for bit.
 
-def to_target_spacing_from_int(data: np.ndarray, zoom: np.ndarray | None, order: int = 1) -> np.ndarray:
+def to_target_spacing_from_int(data: np.ndarray, zoom: np.ndarray | None, order: int = 1,
+                               threads: int = 1) -> np.ndarray:
     """`to_target_spacing` for integer voxels read without the float64 copy (`pipeline.load_volume_lean`).
 
     scipy's interpolation reads every input type as double, so zooming the int16 array into a float64
@@ -56,7 +57,45 @@ def to_target_spacing_from_int(data: np.ndarray, zoom: np.ndarray | None, order:
     """
     if zoom is None:
         return data
-    return ndimage.zoom(data, zoom, order=order, mode="nearest", output=np.float64).astype(np.int32)
+    return zoom_in_slabs(data, zoom, order, threads).astype(np.int32)
+
+
+def _exact_shift_offset(start: int, factor: float) -> float | None:
+    """An offset o with o / factor == start exactly: scipy then samples output row k of a slab at
+    (k + start) * factor, the very coordinate the whole-volume zoom uses for row k + start."""
+    offset = start * factor
+    for _ in range(8):
+        quotient = offset / factor
+        if quotient == start:
+            return offset
+        offset = np.nextafter(offset, np.inf if quotient < start else -np.inf)
+    return None
+
+
+def zoom_in_slabs(data: np.ndarray, zoom: np.ndarray, order: int, threads: int) -> np.ndarray:
+    """`ndimage.zoom(data, zoom, order, mode="nearest", output=float64)`, bit for bit, computed as
+    `threads` slabs of the output's first axis in parallel (scipy releases the GIL): each slab is an
+    `affine_transform` with zoom's own factors and a start offset that scipy maps back exactly."""
+    shape = tuple(int(round(n * z)) for n, z in zip(data.shape, zoom))  # scipy's output shape
+    if threads <= 1 or order > 1 or shape[0] < 2 * threads or min(shape) < 2:
+        return ndimage.zoom(data, zoom, order=order, mode="nearest", output=np.float64)
+    factors = (np.array(data.shape, dtype=np.float64) - 1) / (np.array(shape, dtype=np.float64) - 1)
+    bounds = np.linspace(0, shape[0], threads + 1).astype(int)
+    offsets = [_exact_shift_offset(int(lo), factors[0]) for lo in bounds[:-1]]
+    if any(o is None for o in offsets):
+        return ndimage.zoom(data, zoom, order=order, mode="nearest", output=np.float64)
+    out = np.empty(shape, dtype=np.float64)
+
+    def slab(index: int) -> None:
+        lo, hi = bounds[index], bounds[index + 1]
+        ndimage.affine_transform(data, factors, offset=[offsets[index], 0.0, 0.0], output=out[lo:hi], order=order,
+                                 mode="nearest")
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(slab, range(threads)))
+    return out
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:

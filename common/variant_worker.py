@@ -86,7 +86,8 @@ def _warm_up(backend) -> None:
 
     from common.weights import PATCH_SIZE
 
-    backend.predict(np.zeros((1, 1, *PATCH_SIZE), dtype=np.float32))
+    patch = np.zeros((1, 1, *PATCH_SIZE), dtype=np.float32)
+    backend.predict(patch) if backend.predict is not None else backend.labels_any(patch)
 
 
 def _serve(conn, variant_payload: bytes, threads: int) -> None:

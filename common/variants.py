@@ -19,6 +19,10 @@ class Variant:
     backend_options: dict = field(default_factory=dict)
     config: PipelineConfig = PipelineConfig()
 
+    def __post_init__(self):
+        if self.config.whole_volume != bool(self.backend_options.get("whole_volume")):
+            raise ValueError(f"variant {self.name}: a whole-volume config needs a whole_volume backend, and back")
+
 
 # Exact-tier pipeline options: the same labels as the defaults (tests/test_variants.py checks bit-exactness).
 FAST = PipelineConfig(lean_load=True, fast_resample=True, fused_normalize=True, fast_accumulate=True,
@@ -60,7 +64,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("ov_bf16_bodycrop", "approximate", "openvino",
             "OpenVINO bf16, network only inside the body box (> -500 HU)", OV_BF16, _with(FAST, body_crop=True)),
     Variant("ov_bf16_whole", "approximate", "openvino",
-            "OpenVINO bf16, body crop, one whole-volume pass (padded to the stride 16)", OV_BF16,
+            "OpenVINO bf16, body crop, one whole-volume pass (padded to the stride 16; one model for any shape, "
+            "argmax inside it)", {**OV_BF16, "whole_volume": True},
             _with(FAST, body_crop=True, whole_volume=True)),
     Variant("ort_int8", "approximate", "onnxruntime",
             "ONNX Runtime, static QDQ INT8 model (calibrated on phantoms that are not evaluation cases)",
@@ -69,7 +74,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "OpenVINO running the QDQ INT8 model (VNNI/AMX int8 kernels) + exact fast stages",
             {**OV_BF16, "model": "int8"}, FAST),
     Variant("ov_int8_whole", "approximate", "openvino",
-            "OpenVINO INT8, body crop, one whole-volume pass", {**OV_BF16, "model": "int8"},
+            "OpenVINO INT8, body crop, one whole-volume pass", {**OV_BF16, "model": "int8", "whole_volume": True},
             _with(FAST, body_crop=True, whole_volume=True)),
 ]}
 

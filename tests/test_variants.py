@@ -12,6 +12,7 @@ import importlib
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from common import bench, metrics, preprocess, resample, sliding_window
 from common.backends import Backend, BackendUnavailable
@@ -44,8 +45,22 @@ def _fake_predict(n_classes, patch, seed=0):
     return predict
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """Each fast kernel twice: rust/'s fused float16 kernels (built by `make test`), and the torch path."""
+    from common import native_kernels
+
+    native_kernels._library.cache_clear()
+    if request.param == "torch":
+        monkeypatch.setenv("TSBENCH_NATIVE_KERNELS", "0")
+    elif not native_kernels.available():
+        pytest.skip(f"{native_kernels.LIBRARY} not built (bash rust/setup.sh)")
+    yield request.param
+    native_kernels._library.cache_clear()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_accumulate_and_chunked_argmax_bit_exact(threads):
+def test_accumulate_and_chunked_argmax_bit_exact(threads, kernels):
     rng = np.random.default_rng(0)
     patch, classes = (16, 12, 20), 7
     image = rng.standard_normal((37, 12, 29)).astype(np.float32)
@@ -60,6 +75,18 @@ def test_accumulate_and_chunked_argmax_bit_exact(threads):
     np.testing.assert_array_equal(logits.view(np.uint16), reference.view(np.uint16))
 
 
+def test_chunked_argmax_with_nan_and_inf_is_numpys(kernels):
+    """Non-finite quotients (the native kernel hands those back) give numpy's labels: NaN wins, as in numpy."""
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((5, 6, 7, 8)).astype(np.float16)
+    weights = (rng.random((6, 7, 8)) + 0.5).astype(np.float16)
+    logits[3, 2, 3, 4] = np.nan
+    logits[1, 4, 0, 0] = np.inf
+    labels = sliding_window.divide_argmax(logits, weights, None, threads=2)
+    np.testing.assert_array_equal(labels, np.argmax(logits / weights, axis=0).astype(np.uint8))
+    assert labels[2, 3, 4] == 3 and labels[4, 0, 0] == 1
+
+
 def test_resampling_shortcuts_bit_exact():
     rng = np.random.default_rng(1)
     for src, dst in [((37, 41, 29), (130, 140, 81)), ((46, 45, 50), (514, 514, 300)), ((10, 20, 30), (10, 57, 31)),
@@ -70,6 +97,14 @@ def test_resampling_shortcuts_bit_exact():
     zoom = np.array([0.8, 0.7, 5.0]) / 3
     np.testing.assert_array_equal(resample.to_target_spacing_from_int(ct, zoom),
                                   resample.to_target_spacing(ct.astype(np.float64), zoom))
+    for trial in range(40):  # slab-parallel zoom: scipy's values for every output row, any layout
+        shape = tuple(rng.integers(5, 60, 3))
+        data = rng.integers(-1024, 2000, shape).astype(np.int16)
+        data = np.asfortranarray(data) if trial % 2 else data
+        zoom = rng.uniform(0.2, 2.5, 3)
+        reference = ndimage.zoom(data, zoom, order=1, mode="nearest", output=np.float64)
+        for threads in (2, 3):
+            np.testing.assert_array_equal(resample.zoom_in_slabs(data, zoom, 1, threads), reference)
 
 
 def test_fused_normalize_pad_bit_exact():
@@ -199,6 +234,41 @@ def test_approximate_variant_runs(variant, generated_volumes, onnx_model, int8_m
     assert written.shape == source.shape[:3]
     np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
     assert result.labels.dtype == np.uint8 and result.labels.max() > 0
+
+
+def test_whole_volume_labels_are_the_runtime_argmax(onnx_model, threads):
+    """The whole-volume model (any shape, argmax appended) gives the argmax of the patch model's logits, and
+    labels of the input's own shape for a shape it was never compiled for."""
+    from common.backends import make_backend
+    from common.weights import PATCH_SIZE
+
+    pytest.importorskip("openvino")
+    _BACKENDS.clear()
+    patch = np.random.default_rng(3).standard_normal((1, 1, *PATCH_SIZE)).astype(np.float32)
+    expected = np.argmax(make_backend("openvino", threads, precision="f32").predict(patch)[0], axis=0)
+    whole = make_backend("openvino", threads, precision="f32", whole_volume=True)
+    assert whole.predict is None
+    labels = whole.labels_any(patch)
+    assert labels.dtype == np.uint8 and labels.shape == (1, 1, *PATCH_SIZE)
+    assert (labels[0, 0] == expected).mean() >= 0.9999
+    other = whole.labels_any(np.ascontiguousarray(patch[:, :, :48, :64, :80]))
+    assert other.shape == (1, 1, 48, 64, 80) and other.max() > 0
+
+
+def test_whole_volume_needs_its_backend(threads, tmp_path):
+    from dataclasses import replace
+
+    from common.variants import Variant
+
+    with pytest.raises(ValueError, match="whole_volume backend"):
+        Variant("broken", "approximate", "openvino", "", {"precision": "bf16"}, replace(FAST, whole_volume=True))
+    labels_only = Backend("fake", None, labels_any=lambda volume: np.zeros(volume.shape, np.uint8))
+    image = tmp_path / "small.nii.gz"
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 30), np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), image)
+    with pytest.raises(ValueError, match="whole-volume labels: no tiles"):
+        segment_file(image, None, labels_only, FAST)
 
 
 def test_missing_runtime_is_skipped_not_crashed(monkeypatch, onnx_model, threads):

@@ -16,6 +16,7 @@
 #![allow(clippy::needless_range_loop)]
 
 mod f16;
+mod kernels;
 mod nifti;
 mod orient;
 mod ort;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use crate::f16;
+use crate::{f16, kernels};
 
 /// The predictor: one `(1, 1, *patch)` float32 tile in, `(1, n_classes, *patch)` logits out.
 pub trait Network {
@@ -181,18 +181,10 @@ pub fn predict(
                 network_s += t.elapsed().as_secs_f64();
 
                 let t = Instant::now();
-                let rows = |i: usize, j: usize| (((t0 + i) * s1 + t1 + j) * s2 + t2, (i * p1 + j) * p2);
-                acc.par_chunks_mut(voxels).zip(output.par_chunks(patch_len)).for_each(|(acc_c, out_c)| {
-                    for i in 0..p0 {
-                        for j in 0..p1 {
-                            let (dst, src) = rows(i, j);
-                            f16::accumulate(&mut acc_c[dst..dst + p2], &out_c[src..src + p2], &gauss[src..src + p2]);
-                        }
-                    }
-                });
+                kernels::accumulate_tile(acc, shape, [t0, t1, t2], output, &gauss, patch);
                 for i in 0..p0 {
                     for j in 0..p1 {
-                        let (dst, src) = rows(i, j);
+                        let (dst, src) = (((t0 + i) * s1 + t1 + j) * s2 + t2, (i * p1 + j) * p2);
                         f16::accumulate(&mut weights[dst..dst + p2], &ones, &gauss[src..src + p2]);
                     }
                 }
@@ -203,58 +195,11 @@ pub fn predict(
     }
 
     let t = Instant::now();
-    let labels = argmax(acc, weights, shape, roi, n_classes)?;
-    Ok(Prediction { labels, n_tiles, network_s, accumulate_s, argmax_s: t.elapsed().as_secs_f64() })
-}
-
-/// `argmax(half(acc / weights))` over channels, first maximum wins (numpy), inside `roi`.
-fn argmax(acc: &[u16], weights: &[u16], shape: [usize; 3], roi: &[Range<usize>; 3], n_classes: usize) -> Result<Vec<u8>> {
-    let voxels: usize = shape.iter().product();
-    let (n1, n2) = (roi[1].len(), roi[2].len());
-    let mut labels = vec![0u8; roi[0].len() * n1 * n2];
-    if labels.is_empty() {
-        return Ok(labels);
-    }
-    let found_inf = std::sync::atomic::AtomicBool::new(false);
-    // One d0-plane of the roi at a time: its rows span one contiguous stretch of each channel
-    // (padding columns included), which streams far better than row by row.
-    labels.par_chunks_mut(n1 * n2).enumerate().for_each(|(p, out)| {
-        let i = roi[0].start + p;
-        let base = (i * shape[1] + roi[1].start) * shape[2];
-        let len = (n1 - 1) * shape[2] + roi[2].end;
-        let mut w = vec![0f32; len];
-        f16::widen(&weights[base..base + len], &mut w);
-        let mut best = vec![f32::NEG_INFINITY; len];
-        let mut arg = vec![0u8; len];
-        let mut q = vec![0f32; len];
-        let mut q16 = vec![0u16; len];
-        for c in 0..n_classes {
-            let start = c * voxels + base;
-            f16::widen(&acc[start..start + len], &mut q);
-            for (v, &wv) in q.iter_mut().zip(&w) {
-                *v /= wv;
-            }
-            f16::narrow(&q, &mut q16);
-            f16::widen(&q16, &mut q);
-            for k in 0..len {
-                if q[k] > best[k] {
-                    best[k] = q[k];
-                    arg[k] = c as u8;
-                }
-            }
-        }
-        for j in 0..n1 {
-            let src = j * shape[2] + roi[2].start;
-            out[j * n2..(j + 1) * n2].copy_from_slice(&arg[src..src + n2]);
-            if best[src..src + n2].iter().any(|v| v.is_infinite()) {
-                found_inf.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-    });
-    if found_inf.into_inner() {
+    let mut labels = vec![0u8; roi.iter().map(|r| r.len()).product()];
+    if kernels::divide_argmax(acc, weights, shape, roi, n_classes, &mut labels) & kernels::INF != 0 {
         bail!("encountered inf in the float16 logits (nnU-Net aborts here too)");
     }
-    Ok(labels)
+    Ok(Prediction { labels, n_tiles, network_s, accumulate_s, argmax_s: t.elapsed().as_secs_f64() })
 }
 
 #[cfg(test)]
