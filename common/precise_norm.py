@@ -10,7 +10,7 @@ H by a MatMul with a 1/H column (a second Reduce would be merged back into one l
 then over D; the same for the centred squares. Result on one example_ct tile, OpenVINO fp32 vs torch:
 mean |logit diff| 1.0e-3 -> 4.4e-6, argmax agreement 0.99779 -> 0.999993, with no measurable slowdown.
 Needs static shapes (the fixed tile); the rewritten model is cached next to the source, keyed by the
-checkpoint hash the export wrote into its metadata.
+checkpoint hash the export wrote into its metadata and by the rewrite's version.
 """
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ import numpy as np
 from common import paths
 
 PRECISE_NORM_MODEL = paths.MODELS_DIR / "totalseg_fast_precise_norm.onnx"
+REWRITE_VERSION = "2"  # bump when the rewrite changes: a cached model of an older rewrite is rebuilt
+
+
+def _metadata(model_path: Path) -> dict[str, str]:
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    return {key: props.get(key, "") for key in ("checkpoint_sha256", "precise_norm_version")}
 
 
 def _spatial_shapes(model) -> dict[str, list[int]]:
@@ -98,9 +106,12 @@ def ensure_precise_norm_model(source: Path = paths.ONNX_MODEL, target: Path = PR
     from common.backends import onnx_checkpoint_sha
 
     source_sha = onnx_checkpoint_sha(source)
-    if target.is_file() and onnx_checkpoint_sha(target) == source_sha and source_sha:
+    if target.is_file() and source_sha and _metadata(target) == {"checkpoint_sha256": source_sha,
+                                                                 "precise_norm_version": REWRITE_VERSION}:
         return target
     model = rewrite_instance_norm(onnx.load(str(source)))
+    props = {p.key: p.value for p in model.metadata_props}
+    onnx.helper.set_model_props(model, {**props, "precise_norm_version": REWRITE_VERSION})
     onnx.checker.check_model(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")

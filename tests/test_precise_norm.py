@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from common import precise_norm
 from common.precise_norm import ensure_precise_norm_model, rewrite_instance_norm
 
 CHANNELS, SPATIAL = 4, (96, 96, 128)  # 1.2 M voxels per channel: long enough for one-pass float32 sums to drift
@@ -60,7 +61,7 @@ def test_dynamic_shapes_are_refused():
         rewrite_instance_norm(model)
 
 
-def test_cached_model_follows_the_checkpoint(tmp_path):
+def test_cached_model_follows_the_checkpoint(tmp_path, monkeypatch):
     import onnx
 
     source, target = tmp_path / "model.onnx", tmp_path / "model_precise.onnx"
@@ -73,3 +74,8 @@ def test_cached_model_follows_the_checkpoint(tmp_path):
     props = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
     assert props["checkpoint_sha256"] == "second"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    rebuilt = target.stat().st_mtime_ns
+    monkeypatch.setattr(precise_norm, "REWRITE_VERSION", "next")  # a cache from an older rewrite is rebuilt
+    ensure_precise_norm_model(source, target)
+    assert target.stat().st_mtime_ns != rebuilt
+    assert {p.key: p.value for p in onnx.load(str(target)).metadata_props}["precise_norm_version"] == "next"
