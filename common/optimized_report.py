@@ -66,8 +66,11 @@ def static_notes(notes: list[str], peak: float | None) -> list[str]:
              "the ONNX rows from vanilla. `ov_f32_fast` is the same runtime on the unmodified model.",
              "- INT8 models are calibrated on phantoms generated for calibration only (seeds 1001, 1002), never "
              "on evaluation cases.",
-             "- Whole-volume rows: `n_tiles` is the padded volume in patch equivalents; the first run of a new "
-             "volume shape includes OpenVINO's compile for that shape (cached in models/openvino_cache).",
+             "- Whole-volume rows: `n_tiles` is the padded volume in patch equivalents; one OpenVINO model compiled "
+             "for any input shape with the argmax inside it (compiled before the timed run, as a service would; the "
+             "first run of a shape still allocates its buffers inside the timed run).",
+             "- Exact fast stages: float16 tile accumulation and divide + argmax run in rust/'s kernels "
+             "(libtotalseg_kernels.so, bit-identical labels) where built, in torch otherwise.",
              f"- Network efficiency = n_tiles x {gflop_per_patch():.0f} GFLOP per 112x112x128 patch / "
              "network seconds (time inside the runtime's calls) / measured peak"
              + (f" ({peak:.0f} GFLOP/s, best float32 SGEMM on these threads, measured at the start of this run)."
