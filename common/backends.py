@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from common import paths
+from common.weights import NUM_CLASSES, PATCH_SIZE
 
 
 class BackendUnavailable(RuntimeError):
@@ -59,6 +60,11 @@ def import_runtime(module: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise BackendUnavailable(f"{module} not installed: {exc}") from None
+
+
+def _patch_shape(dims, channels: int) -> list[int]:
+    """The tile's (1, channels, *PATCH_SIZE) where a model (exported with dynamic axes) leaves a dimension open."""
+    return [d if isinstance(d, int) and d > 0 else fixed for d, fixed in zip(dims, (1, channels, *PATCH_SIZE))]
 
 
 def resolve_model(model: str | Path | None) -> Path:
@@ -120,7 +126,7 @@ def onnxruntime_backend(threads: int, model_path: Path = paths.ONNX_MODEL, tuned
         return Backend("onnxruntime", predict, details)
 
     output = session.get_outputs()[0]
-    out_shape = [int(d) for d in output.shape]
+    out_shape = _patch_shape(output.shape, NUM_CLASSES)
     buffer = np.empty(out_shape, dtype=np.float32)
     binding = session.io_binding()
     binding.bind_output(output.name, "cpu", 0, np.float32, out_shape, buffer.ctypes.data)
@@ -180,6 +186,8 @@ def openvino_backend(threads: int, model_path: Path = paths.ONNX_MODEL, precisio
         return Backend("openvino", None, {**details, "whole_volume": True}, labels_any=labels_any,
                        reuses_output=True)
 
+    if net.inputs[0].get_partial_shape().is_dynamic:  # a dynamic-axes export: compile for the tile shape
+        net.reshape({net.inputs[0].get_any_name(): ov.PartialShape([1, 1, *PATCH_SIZE])})
     request = core.compile_model(net, "CPU", config).create_infer_request()
 
     def predict(patch: np.ndarray) -> np.ndarray:

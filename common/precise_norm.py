@@ -99,6 +99,19 @@ def rewrite_instance_norm(model):
     return model
 
 
+def _with_patch_shape(model):
+    """`model` with its spatial axes fixed to the tile (a dynamic-axes export leaves them open)."""
+    from onnx.tools.update_model_dims import update_inputs_outputs_dims
+
+    from common.weights import NUM_CLASSES, PATCH_SIZE
+
+    dims = [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    if all(isinstance(d, int) and d > 0 for d in dims):
+        return model
+    return update_inputs_outputs_dims(model, {model.graph.input[0].name: [1, 1, *PATCH_SIZE]},
+                                      {model.graph.output[0].name: [1, NUM_CLASSES, *PATCH_SIZE]})
+
+
 def ensure_precise_norm_model(source: Path = paths.ONNX_MODEL, target: Path = PRECISE_NORM_MODEL) -> Path:
     """The rewritten model, built (atomically) when missing or exported from another checkpoint."""
     import onnx
@@ -109,7 +122,8 @@ def ensure_precise_norm_model(source: Path = paths.ONNX_MODEL, target: Path = PR
     if target.is_file() and source_sha and _metadata(target) == {"checkpoint_sha256": source_sha,
                                                                  "precise_norm_version": REWRITE_VERSION}:
         return target
-    model = rewrite_instance_norm(onnx.load(str(source)))
+    model = _with_patch_shape(onnx.load(str(source)))
+    model = rewrite_instance_norm(model)
     props = {p.key: p.value for p in model.metadata_props}
     onnx.helper.set_model_props(model, {**props, "precise_norm_version": REWRITE_VERSION})
     onnx.checker.check_model(model)

@@ -1,6 +1,8 @@
 """common/precise_norm.py: the rewritten InstanceNormalization is the same math with float64-grade statistics."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -79,3 +81,20 @@ def test_cached_model_follows_the_checkpoint(tmp_path, monkeypatch):
     ensure_precise_norm_model(source, target)
     assert target.stat().st_mtime_ns != rebuilt
     assert {p.key: p.value for p in onnx.load(str(target)).metadata_props}["precise_norm_version"] == "next"
+
+
+def test_dynamic_axes_export_runs_as_tiles(stand_in, threads, tmp_path):
+    """02 may pick a dynamic-axes export (measured faster): the tile backends and the precise-norm model
+    then fix the spatial axes to the patch instead of failing."""
+    from common.backends import make_backend
+    from common.export import export_onnx
+    from common.weights import NUM_CLASSES, PATCH_SIZE
+
+    dynamic = export_onnx(stand_in, tmp_path / "dynamic.onnx", dynamic_spatial=True)
+    patch = np.random.default_rng(0).standard_normal((1, 1, *PATCH_SIZE)).astype(np.float32)
+    ort_logits = make_backend("onnxruntime", threads, model_path=dynamic, tuned=True, reuse_output=True).predict(patch)
+    assert ort_logits.shape == (1, NUM_CLASSES, *PATCH_SIZE)
+    precise = ensure_precise_norm_model(dynamic, tmp_path / "precise.onnx")
+    if importlib.util.find_spec("openvino") is not None:
+        ov_logits = make_backend("openvino", threads, model_path=precise, precision="f32").predict(patch)
+        assert (ov_logits.argmax(1) == ort_logits.argmax(1)).mean() >= 0.999
