@@ -87,7 +87,10 @@ def _warm_up(backend) -> None:
     from common.weights import PATCH_SIZE
 
     patch = np.zeros((1, 1, *PATCH_SIZE), dtype=np.float32)
-    backend.predict(patch) if backend.predict is not None else backend.labels_any(patch)
+    if backend.predict is not None:
+        backend.predict(patch)
+    else:
+        backend.labels_any(patch)
 
 
 def _serve(conn, variant_payload: bytes, threads: int) -> None:
