@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import paths
-from common.env import apply_threads, default_threads
+from common.core import paths
+from common.core.env import apply_threads, default_threads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def shape_study(weights, threads: int, static_path: Path) -> dict:
     """Seconds per 112x112x128 patch with a static-shape and a dynamic-axes model, same session settings."""
     import tempfile
 
-    from common.export import export_onnx, time_patch
+    from common.model.export import export_onnx, time_patch
 
     with tempfile.TemporaryDirectory(dir=static_path.parent) as tmp:
         dynamic_path = export_onnx(weights, Path(tmp) / "dynamic.onnx", dynamic_spatial=True)
@@ -48,8 +48,8 @@ def shape_study(weights, threads: int, static_path: Path) -> dict:
 
 
 def write_report(path: Path, info, check, study: dict | None) -> None:
-    from common.report import write_text_atomic
-    from common.weights import weights_banner
+    from common.reports.report import write_text_atomic
+    from common.model.weights import weights_banner
 
     lines = ["# ONNX export report", "", weights_banner(info.__dict__), "",
              f"- ONNX model: `{info.onnx_path}` (sha256 `{info.onnx_sha256[:16]}`), opset {info.architecture['opset']}",
@@ -78,8 +78,8 @@ def write_report(path: Path, info, check, study: dict | None) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_threads(args.threads)
-    from common import export
-    from common.weights import WeightsError, count_parameters, ensure_weights, load_network
+    from common.model import export
+    from common.model.weights import WeightsError, count_parameters, ensure_weights, load_network
 
     try:
         weights = ensure_weights(args.weights, args.home)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import add_benchmark_args, run_and_report
-from common.vanilla import vanilla_runner
+from common.harness.cli import add_benchmark_args, run_and_report
+from common.harness.vanilla import vanilla_runner
 
 
 def main(argv=None) -> int:

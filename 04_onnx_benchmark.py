@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import add_benchmark_args, run_and_report
+from common.harness.cli import add_benchmark_args, run_and_report
 
 IMPLEMENTATIONS = ("onnx", "torch", "rust")
 
 
 def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
-    from common import backends, paths
-    from common.variants import Variant, get_variant, make_pipeline_runner
-    from common.weights import read_model_info
+    from common.runtime import backends
+    from common.core import paths
+    from common.variants.table import Variant, get_variant, make_pipeline_runner
+    from common.model.weights import read_model_info
 
     runners, notes = [], []
     info = read_model_info()
@@ -31,7 +32,7 @@ def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
         runners.append(make_pipeline_runner("torch_twin", twin, threads))
     if "rust" in impls:
         try:
-            from common import rust_runner
+            from common.harness import rust_runner
             reason = rust_runner.skip_reason()
         except ImportError as exc:
             reason = f"Rust runner unavailable: {exc}"
@@ -54,10 +55,10 @@ def main(argv=None) -> int:
     unknown = set(impls) - set(IMPLEMENTATIONS)
     if unknown:
         parser.error(f"unknown --impl {', '.join(sorted(unknown))}")
-    from common.cli import prepare_runners
+    from common.harness.cli import prepare_runners
     runners, notes = prepare_runners(args, lambda: make_runners(impls, args.threads))
     if args.with_vanilla:
-        from common.vanilla import vanilla_runner
+        from common.harness.vanilla import vanilla_runner
         runners.insert(0, vanilla_runner(args.threads))
     return run_and_report(args, runners, "04 Python-ONNX baseline benchmark", "onnx_report.md", notes)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """05: optimized variants of the `--fast` pipeline, exact and approximate tiers, with their drift from vanilla.
 
-A variant is a named configuration in common/variants.py (runtime + options + pipeline settings).
+A variant is a named configuration in common/variants/table.py (runtime + options + pipeline settings).
 `--list-variants` prints them; `--variants a,b,c` picks some (default: all but `ort_default`, which is
 the `onnx_baseline` row). `--with-vanilla` / `--with-baseline` interleave TotalSegmentator itself and the
 default ONNX Runtime pipeline in the same run, so every speedup is a ratio measured in one run. Each
@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.cli import add_benchmark_args, prepare_runners, run_and_report
+from common.harness.cli import add_benchmark_args, prepare_runners, run_and_report
 
 REPORT = "optimized_report.md"
 
 
 def list_variants() -> str:
-    from common.variants import VARIANTS
+    from common.variants.table import VARIANTS
 
     width = max(map(len, VARIANTS))
     return "\n".join(f"{v.name:<{width}}  {v.tier:<11}  {v.backend:<11}  {v.description}" for v in VARIANTS.values())
@@ -28,10 +28,11 @@ def list_variants() -> str:
 
 def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseline: bool,
                  calibrate: bool = True) -> tuple[list, list[str]]:
-    from common import backends, paths
-    from common.vanilla import vanilla_runner
-    from common.variants import get_variant, make_pipeline_runner
-    from common.weights import read_model_info
+    from common.runtime import backends
+    from common.core import paths
+    from common.harness.vanilla import vanilla_runner
+    from common.variants.table import get_variant, make_pipeline_runner
+    from common.model.weights import read_model_info
 
     info = read_model_info()
     backends.check_onnx_matches(paths.ONNX_MODEL, info.get("checkpoint_sha256"))
@@ -43,7 +44,7 @@ def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseli
         runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads, isolated=True))
     if calibrate and any(get_variant(n).backend_options.get("model") == "int8" for n in names):
         try:
-            from common.quantize import ensure_int8_model
+            from common.model.quantize import ensure_int8_model
             ensure_int8_model(log=lambda m: print(m, file=sys.stderr))
         except Exception as exc:  # the int8 rows are then skipped below, with the reason
             notes.append(f"- INT8 calibration failed: {type(exc).__name__}: {exc}")
@@ -68,13 +69,13 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate", action="store_true", help="(re)build the INT8 model and exit")
     parser.add_argument("--no-peak", action="store_true", help="skip the machine-peak GFLOP/s microbenchmark")
     args = parser.parse_args(argv)
-    from common.variants import VARIANTS
+    from common.variants.table import VARIANTS
 
     if args.list_variants:
         print(list_variants())
         return 0
     if args.calibrate:
-        from common.quantize import build_int8_model
+        from common.model.quantize import build_int8_model
         build_int8_model()
         return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()] or \
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown variants {', '.join(unknown)} (see --list-variants)")
     runners, notes = prepare_runners(
         args, lambda: make_runners(names, args.threads, args.with_vanilla, args.with_baseline))
-    from common import optimized_report
+    from common.reports import optimized_report
 
     peak = None if args.no_peak else optimized_report.measure_peak_gflops(args.threads)
     notes = optimized_report.static_notes(notes, peak)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common import paths
+    from common.core import paths
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, default=paths.DEFAULT_MANIFEST,
@@ -62,8 +62,8 @@ def fail(message: str) -> int:
 
 
 def select_cases(args) -> list:
-    from common import cli
-    from common.production import smallest_cases
+    from common.harness import cli
+    from common.production.sweeps import smallest_cases
 
     cases = cli.select_cases(args, lambda found: smallest_cases(found, max(1, args.max_cases)))
     missing = [str(c.image) for c in cases if not Path(c.image).is_file()]
@@ -81,11 +81,13 @@ def benchmark(argv=None) -> int:
     import pandas as pd
     from tqdm import tqdm
 
-    from common import backends, production, report
-    from common.env import environment_record
-    from common.topology import read_topology
-    from common.variants import get_variant
-    from common.weights import WeightsError, read_model_info
+    from common.runtime import backends
+    from common.production import sweeps as production
+    from common.reports import report
+    from common.core.env import environment_record
+    from common.production.topology import read_topology
+    from common.variants.table import get_variant
+    from common.model.weights import WeightsError, read_model_info
 
     topology = read_topology()
     n_cpus = min(args.max_threads or len(topology.cpus), len(topology.cpus))
@@ -184,7 +186,7 @@ def benchmark(argv=None) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "segment":
-        from common.segment_cli import main as segment_main
+        from common.production.segment_cli import main as segment_main
 
         return segment_main(argv[1:])
     if argv and argv[0] == "benchmark":

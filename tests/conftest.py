@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import paths  # noqa: E402
+from common.core import paths  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def threads() -> int:
-    from common.env import apply_threads, default_threads
+    from common.core.env import apply_threads, default_threads
 
     n = default_threads()
     apply_threads(n)
@@ -34,7 +34,7 @@ def threads() -> int:
 @pytest.fixture(scope="session")
 def stand_in():
     """Stand-in weights in the project's models/ (reused between runs; written when absent)."""
-    from common.weights import ensure_weights
+    from common.model.weights import ensure_weights
 
     return ensure_weights("stand-in")
 
@@ -42,11 +42,11 @@ def stand_in():
 @pytest.fixture(scope="session")
 def onnx_model(stand_in, threads) -> Path:
     """models/totalseg_fast.onnx exported from the stand-in (reused when its checkpoint hash matches)."""
-    from common.backends import onnx_checkpoint_sha
-    from common.export import export_onnx
+    from common.runtime.backends import onnx_checkpoint_sha
+    from common.model.export import export_onnx
 
-    from common.export import save_model_info
-    from common.weights import count_parameters, load_network, read_model_info
+    from common.model.export import save_model_info
+    from common.model.weights import count_parameters, load_network, read_model_info
 
     path = paths.ONNX_MODEL
     if not path.is_file() or onnx_checkpoint_sha(path) != stand_in.sha256:
@@ -63,7 +63,7 @@ class VanillaCache:
         self.folder, self.threads, self.done = folder, threads, {}
 
     def __call__(self, image: Path) -> Path:
-        from common.vanilla import run_vanilla
+        from common.harness.vanilla import run_vanilla
 
         key = str(image)
         if key not in self.done:
@@ -83,7 +83,7 @@ def generated_volumes(tmp_path_factory) -> dict[str, Path]:
     """Phantom CTs on grids the shared data lacks: non-RAS + anisotropic, already 3 mm, and an 8-tile one."""
     import nibabel as nib
 
-    from common.phantoms import make_phantom
+    from common.data.phantoms import make_phantom
 
     folder = tmp_path_factory.mktemp("generated")
     specs = {

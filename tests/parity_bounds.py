@@ -5,7 +5,7 @@
   through the float16 accumulation. example_ct_sm is 30 slices inside one 112-slice tile, where the
   float16 Gaussian is small and the accumulated logits are coarse: measured 0.9942 there (the torch
   twin gives 1.0), and test_parity.test_onnx_flips_are_near_ties proves those flips are ties.
-- ONNX with short-block InstanceNorm statistics (common/precise_norm.py): the runtimes' one-pass
+- ONNX with short-block InstanceNorm statistics (common/model/precise_norm.py): the runtimes' one-pass
   float32 sums were the main source of that drift; with them fixed, OpenVINO fp32 measured 0.99998.
 """
 TWIN_MIN = 0.99999

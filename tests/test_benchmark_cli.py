@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from common import paths
+from common.core import paths
 
 COLUMNS = ["case_id", "image", "label", "label_map", "source", "shape", "spacing", "orientation", "sha256"]
 

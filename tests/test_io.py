@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common import io
+from common.core import io
 
 
 def _save(tmp_path, name, data, affine=None):

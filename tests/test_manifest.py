@@ -15,10 +15,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import data, phantoms  # noqa: E402
-from common.data import (ABDOMENCTCT, COLUMNS, Case, DataError, label_map_from_json,  # noqa: E402
-                         labelled_pairs, read_manifest, scan_dir, select_evenly, write_manifest)
-from common.paths import shared_data_dir  # noqa: E402
+from common.data import phantoms  # noqa: E402
+from common.data.cases import (ABDOMENCTCT, COLUMNS, Case, DataError, label_map_from_json,  # noqa: E402
+                               labelled_pairs, make_case, read_manifest, scan_dir, select_evenly, write_manifest)
+from common.core.paths import shared_data_dir  # noqa: E402
 
 SHARED = shared_data_dir()
 needs_shared = pytest.mark.skipif(not (SHARED / "example_ct.nii.gz").is_file(),
@@ -49,8 +49,8 @@ def _save(path: Path, data: np.ndarray, affine=np.diag([0.8, 0.8, 2.5, 1])):
 def test_manifest_round_trip(tmp_path):
     img = _save(tmp_path / "imgs" / "a.nii.gz", np.zeros((4, 5, 6), np.int16))
     lab = _save(tmp_path / "imgs" / "labels" / "a.nii.gz", np.zeros((4, 5, 6), np.uint8))
-    cases = [data.make_case("a", img, lab, {6: 5, 1: 1}, "abdomenctct"),
-             data.make_case("b", img, None, {}, "from_dir")]
+    cases = [make_case("a", img, lab, {6: 5, 1: 1}, "abdomenctct"),
+             make_case("b", img, None, {}, "from_dir")]
     path = write_manifest(cases, tmp_path / "out" / "manifest.csv", info={"dataset": "x"})
 
     with open(path, newline="") as f:
@@ -72,7 +72,7 @@ def test_manifest_round_trip(tmp_path):
 
 def test_manifest_refuses_duplicate_ids(tmp_path):
     img = _save(tmp_path / "a.nii.gz", np.zeros((2, 2, 2), np.int16))
-    c = data.make_case("a", img, None, {}, "from_dir")
+    c = make_case("a", img, None, {}, "from_dir")
     with pytest.raises(DataError, match="duplicate"):
         write_manifest([c, c], tmp_path / "manifest.csv")
 

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from common.memory import PeakMemory
+from common.core.memory import PeakMemory
 
 
 def test_peak_memory_sees_a_300_mb_allocation():

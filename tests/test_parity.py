@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import bench, metrics
-from common.pipeline import PipelineConfig, segment_file
+from common.harness import bench
+from common.core import metrics
+from common.pipeline.run import PipelineConfig, segment_file
 
 from parity_bounds import TWIN_MIN, ort_bound  # noqa: E402
 
@@ -20,14 +21,14 @@ GENERATED = ["lps_anisotropic", "ras_3mm", "eight_tiles"]
 
 @pytest.fixture(scope="module")
 def torch_backend(stand_in, threads):
-    from common.backends import torch_backend
+    from common.runtime.backends import torch_backend
 
     return torch_backend(threads, stand_in)
 
 
 @pytest.fixture(scope="module")
 def ort_backend(onnx_model, threads):
-    from common.backends import onnxruntime_backend
+    from common.runtime.backends import onnxruntime_backend
 
     return onnxruntime_backend(threads, onnx_model)
 
@@ -70,8 +71,9 @@ def test_onnx_baseline_matches_vanilla(name, shared_data, generated_volumes, ort
 
 def test_onnx_flips_are_near_ties(shared_data, torch_backend, ort_backend):
     """Where ORT and torch labels differ, torch's own logits for the two labels are nearly tied."""
-    from common import io, preprocess, sliding_window
-    from common.weights import NUM_CLASSES, PATCH_SIZE
+    from common.core import io
+    from common.pipeline import preprocess, sliding_window
+    from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
     volume = io.load_volume(shared_data / "example_ct_sm.nii.gz")
     image = volume.data.astype(np.int32).transpose(2, 1, 0)  # already RAS and 3 mm

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from common.pinning import (
+from common.production.pinning import (
     THREAD_ENV_VARS,
     PinnedChildError,
     memory_fits,

@@ -1,4 +1,4 @@
-"""common/precise_norm.py: the rewritten InstanceNormalization is the same math with float64-grade statistics."""
+"""common/model/precise_norm.py: the rewritten InstanceNormalization is the same math with float64-grade statistics."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from common import precise_norm
-from common.precise_norm import ensure_precise_norm_model, rewrite_instance_norm
+from common.model import precise_norm
+from common.model.precise_norm import ensure_precise_norm_model, rewrite_instance_norm
 
 CHANNELS, SPATIAL = 4, (96, 96, 128)  # 1.2 M voxels per channel: long enough for one-pass float32 sums to drift
 
@@ -86,9 +86,9 @@ def test_cached_model_follows_the_checkpoint(tmp_path, monkeypatch):
 def test_dynamic_axes_export_runs_as_tiles(stand_in, threads, tmp_path):
     """02 may pick a dynamic-axes export (measured faster): the tile backends and the precise-norm model
     then fix the spatial axes to the patch instead of failing."""
-    from common.backends import make_backend
-    from common.export import export_onnx
-    from common.weights import NUM_CLASSES, PATCH_SIZE
+    from common.runtime.backends import make_backend
+    from common.model.export import export_onnx
+    from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
     dynamic = export_onnx(stand_in, tmp_path / "dynamic.onnx", dynamic_spatial=True)
     patch = np.random.default_rng(0).standard_normal((1, 1, *PATCH_SIZE)).astype(np.float32)

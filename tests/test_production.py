@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common import production
-from common.topology import read_topology
+from common.production import sweeps as production
+from common.production.topology import read_topology
 from tests.test_topology import make_sysfs
 
 AFFINITY = sorted(os.sched_getaffinity(0))
@@ -46,7 +46,7 @@ def test_sweeps_scale_with_the_machine(tmp_path):
 
 
 def test_choose_variants_from_05_results(tmp_path, monkeypatch):
-    from common import variants
+    from common.variants import table as variants
 
     choice = production.choose_variants(tmp_path)
     assert (choice.exact, choice.approximate) == ("ort_default", None) and "no 05 results" in choice.note

@@ -9,8 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from common import paths
-from common.segment_cli import expand_inputs, main as segment_main, nifti_stem
+from common.core import paths
+from common.production.segment_cli import expand_inputs, main as segment_main, nifti_stem
 
 SCRIPT = paths.REPO_ROOT / "06_linux_production_benchmark.py"
 

@@ -1,4 +1,4 @@
-"""A variant in its own worker process (common/variant_worker.py), on the real small CT:
+"""A variant in its own worker process (common/harness/variant_worker.py), on the real small CT:
 
 - the same labels as the in-process runner, with stage timings and n_tiles, and the row's peak memory
   is the worker's (the benchmark process does not hold the session);
@@ -19,11 +19,11 @@ import numpy as np
 import psutil
 import pytest
 
-from common import bench
-from common.backends import BackendUnavailable
-from common.pipeline import STAGES
-from common.variant_worker import VariantWorker
-from common.variants import VARIANTS, Variant, make_pipeline_runner
+from common.harness import bench
+from common.runtime.backends import BackendUnavailable
+from common.pipeline.run import STAGES
+from common.harness.variant_worker import VariantWorker
+from common.variants.table import VARIANTS, Variant, make_pipeline_runner
 
 VARIANT = VARIANTS["ort_tuned_fast"]
 

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from common import bench, metrics, preprocess, resample, sliding_window
-from common.backends import Backend, BackendUnavailable
-from common.pipeline import PipelineConfig, segment_file
-from common.variants import FAST, VARIANTS
+from common.harness import bench
+from common.core import metrics
+from common.pipeline import preprocess, resample, sliding_window
+from common.runtime.backends import Backend, BackendUnavailable
+from common.pipeline.run import PipelineConfig, segment_file
+from common.variants.table import FAST, VARIANTS
 
 from parity_bounds import TWIN_MIN, exact_bound  # noqa: E402
 EXACT = [n for n, v in VARIANTS.items() if v.tier == "exact" and n != "ort_default"]
@@ -48,7 +50,7 @@ def _fake_predict(n_classes, patch, seed=0):
 @pytest.fixture(params=["native", "torch"])
 def kernels(request, monkeypatch):
     """Each fast kernel twice: rust/'s fused float16 kernels (built by `make test`), and the torch path."""
-    from common import native_kernels
+    from common.runtime import native_kernels
 
     native_kernels._library.cache_clear()
     if request.param == "torch":
@@ -120,7 +122,7 @@ def test_fused_normalize_pad_bit_exact():
 @pytest.mark.parametrize("name", ["lps_anisotropic", "ras_3mm"])
 def test_exact_options_give_identical_labels(name, generated_volumes, tmp_path):
     """All exact-tier options at once vs the default pipeline, same deterministic network: identical labels."""
-    from common.weights import NUM_CLASSES, PATCH_SIZE
+    from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
     backend = Backend("fake", _fake_predict(NUM_CLASSES, PATCH_SIZE))
     image = generated_volumes[name]
@@ -136,8 +138,8 @@ def test_lean_load_matches(generated_volumes, shared_data, tmp_path):
 
     import nibabel as nib
 
-    from common import io
-    from common.pipeline import load_volume_lean
+    from common.core import io
+    from common.pipeline.run import load_volume_lean
 
     source = shared_data / "example_ct_sm.nii.gz"
     big_endian = tmp_path / "big_endian.nii.gz"  # a byte order and a multi-member stream ISA-L must read
@@ -172,7 +174,7 @@ def _agreement(image, backend, config, vanilla, tmp_path):
 
 @pytest.fixture(scope="module")
 def torch_backend(stand_in, threads):
-    from common.backends import torch_backend
+    from common.runtime.backends import torch_backend
 
     return torch_backend(threads, stand_in)
 
@@ -189,7 +191,7 @@ _BACKENDS: dict = {}
 
 
 def _variant_backend(name, threads):
-    from common.backends import make_backend
+    from common.runtime.backends import make_backend
 
     if name not in _BACKENDS:
         _BACKENDS.clear()  # one runtime session alive at a time: memory on a shared 24 GB machine
@@ -216,7 +218,7 @@ def test_exact_variant_matches_vanilla(variant, name, shared_data, generated_vol
 
 @pytest.fixture(scope="module")
 def int8_model(onnx_model):
-    from common.quantize import ensure_int8_model
+    from common.model.quantize import ensure_int8_model
 
     return ensure_int8_model(log=lambda m: None)
 
@@ -239,8 +241,8 @@ def test_approximate_variant_runs(variant, generated_volumes, onnx_model, int8_m
 def test_whole_volume_labels_are_the_runtime_argmax(onnx_model, threads):
     """The whole-volume model (any shape, argmax appended) gives the argmax of the patch model's logits, and
     labels of the input's own shape for a shape it was never compiled for."""
-    from common.backends import make_backend
-    from common.weights import PATCH_SIZE
+    from common.runtime.backends import make_backend
+    from common.model.weights import PATCH_SIZE
 
     pytest.importorskip("openvino")
     _BACKENDS.clear()
@@ -258,7 +260,7 @@ def test_whole_volume_labels_are_the_runtime_argmax(onnx_model, threads):
 def test_whole_volume_needs_its_backend(threads, tmp_path):
     from dataclasses import replace
 
-    from common.variants import Variant
+    from common.variants.table import Variant
 
     with pytest.raises(ValueError, match="whole_volume backend"):
         Variant("broken", "approximate", "openvino", "", {"precision": "bf16"}, replace(FAST, whole_volume=True))

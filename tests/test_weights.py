@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import paths, weights
-from common.weights import WeightsError
+from common.core import paths
+from common.model import weights
+from common.model.weights import WeightsError
 
 ROOT = paths.REPO_ROOT
 
@@ -60,7 +61,7 @@ def test_totalsegmentator_runs_offline_on_the_stand_in(shared_data, vanilla):
 
 
 def test_onnx_export_matches_torch_on_a_real_ct_patch(stand_in, onnx_model, threads, shared_data):
-    from common.export import verify_export
+    from common.model.export import verify_export
 
     check = verify_export(stand_in, onnx_model, threads)
     print(f"max |logit diff| {check.max_abs_diff:.3g}, argmax agreement {check.argmax_agreement:.6f}")
@@ -94,7 +95,7 @@ def test_mismatched_checkpoint_is_a_clear_error(stand_in, tmp_path):
 
 
 def test_onnx_from_another_checkpoint_is_refused(onnx_model):
-    from common.backends import check_onnx_matches
+    from common.runtime.backends import check_onnx_matches
 
     check_onnx_matches(onnx_model, weights.existing_weights().sha256)  # the right one passes
     with pytest.raises(WeightsError, match="not the current one"):

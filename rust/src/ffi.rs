@@ -1,5 +1,5 @@
 //! `libtotalseg_kernels.so`: the float16 sliding-window kernels (src/kernels.rs) behind a C ABI, for
-//! the Python pipeline (`common/native_kernels.py`, loaded with ctypes). Arrays are C-contiguous;
+//! the Python pipeline (`common/runtime/native_kernels.py`, loaded with ctypes). Arrays are C-contiguous;
 //! shapes are passed as pointers to 3 `usize`; `threads` sizes a rayon pool for the call.
 //! Return values: 0 ok, -1 bad arguments or a panic (nothing guaranteed written); divide_argmax
 //! also returns the non-finite bits of `kernels::divide_argmax` (1 inf, 2 NaN).

@@ -1,5 +1,5 @@
 //! The float16 volume kernels of nnU-Net's CPU sliding window, shared by the binary and by the
-//! `totalseg_kernels` library that the Python pipeline loads (`common/native_kernels.py`).
+//! `totalseg_kernels` library that the Python pipeline loads (`common/runtime/native_kernels.py`).
 //!
 //! Shapes are C order `(d0, d1, d2)`, `d2` contiguous; the class axis comes first.
 

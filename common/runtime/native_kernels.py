@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from common import paths
+from common.core import paths
 
 LIBRARY = paths.REPO_ROOT / "rust" / "target" / "release" / "libtotalseg_kernels.so"
 _SIZE3 = ctypes.c_size_t * 3

@@ -35,7 +35,7 @@ def check_runtime(backend: str) -> None:
     Checked in the parent before spawning: a missing runtime costs no process start, and a runtime
     hidden from this process (tests) is seen as missing, as it would be by an in-process build.
     """
-    from common.backends import BackendUnavailable
+    from common.runtime.backends import BackendUnavailable
 
     if backend not in RUNTIME_MODULES:
         return
@@ -50,7 +50,7 @@ def check_runtime(backend: str) -> None:
 def _startup_error(kind: str, message: str, name: str) -> Exception:
     """The parent's exception for a backend the worker could not build: the child's type where 05
     treats it as a skip, RuntimeError otherwise."""
-    from common.backends import BackendUnavailable
+    from common.runtime.backends import BackendUnavailable
 
     known = {"BackendUnavailable": BackendUnavailable, "ImportError": ImportError,
              "FileNotFoundError": FileNotFoundError}
@@ -60,7 +60,7 @@ def _startup_error(kind: str, message: str, name: str) -> Exception:
 
 
 def _error_kind(exc: BaseException) -> str:
-    from common.backends import BackendUnavailable
+    from common.runtime.backends import BackendUnavailable
 
     for kind in (BackendUnavailable, FileNotFoundError, ImportError):
         if isinstance(exc, kind):
@@ -84,7 +84,7 @@ def _warm_up(backend) -> None:
     its memory arena and lazy kernel set-up, which a long-running service pays once."""
     import numpy as np
 
-    from common.weights import PATCH_SIZE
+    from common.model.weights import PATCH_SIZE
 
     patch = np.zeros((1, 1, *PATCH_SIZE), dtype=np.float32)
     if backend.predict is not None:
@@ -97,21 +97,21 @@ def _serve(conn, variant_payload: bytes, threads: int) -> None:
     """The worker: thread settings first (before numpy and the runtimes load), the backend, then cases."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the worker
     try:
-        from common.env import apply_threads
+        from common.core.env import apply_threads
 
         apply_threads(threads)
-        from common.backends import make_backend
+        from common.runtime.backends import make_backend
 
         variant = pickle.loads(variant_payload)
         backend = make_backend(variant.backend, threads, **variant.backend_options)
     except Exception as exc:
-        from common.bench import one_line
+        from common.harness.bench import one_line
 
         kind = _error_kind(exc)
         conn.send(("failed", kind, str(exc) if kind != "RuntimeError" else one_line(exc)))
         return
-    from common.bench import one_line
-    from common.pipeline import segment_file
+    from common.harness.bench import one_line
+    from common.pipeline.run import segment_file
 
     _warm_up(backend)
     conn.send(("ready", None))

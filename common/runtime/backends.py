@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from common import paths
-from common.weights import NUM_CLASSES, PATCH_SIZE
+from common.core import paths
+from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
 
 class BackendUnavailable(RuntimeError):
@@ -41,7 +41,7 @@ def onnx_checkpoint_sha(model_path: Path) -> str:
 
 def check_onnx_matches(model_path: Path, checkpoint_sha256: str | None) -> None:
     """An ONNX file exported from another checkpoint is refused (stale models/ after new weights)."""
-    from common.weights import WeightsError
+    from common.model.weights import WeightsError
 
     if not Path(model_path).is_file():
         raise WeightsError(f"{model_path} is missing: run `python 02_export_model.py` first")
@@ -69,15 +69,15 @@ def _patch_shape(dims, channels: int) -> list[int]:
 
 def resolve_model(model: str | Path | None) -> Path:
     """`None`/"fp32" = the exported model; "precise_norm" = the same with short-block InstanceNorm sums
-    (common/precise_norm.py); "int8" = its calibrated QDQ copy (common/quantize.py)."""
+    (common/model/precise_norm.py); "int8" = its calibrated QDQ copy (common/model/quantize.py)."""
     if model in (None, "fp32"):
         return paths.ONNX_MODEL
     if model == "precise_norm":
-        from common.precise_norm import ensure_precise_norm_model
+        from common.model.precise_norm import ensure_precise_norm_model
 
         return ensure_precise_norm_model()
     if model == "int8":
-        from common.quantize import INT8_MODEL
+        from common.model.quantize import INT8_MODEL
 
         if not INT8_MODEL.is_file():
             raise BackendUnavailable(f"INT8 model {INT8_MODEL.name} missing: run "
@@ -201,7 +201,7 @@ def torch_backend(threads: int, weights=None) -> Backend:
     """The checkpoint in nnU-Net's own network, run by torch (the pipeline-exactness twin of vanilla)."""
     import torch
 
-    from common.weights import ensure_weights, load_network
+    from common.model.weights import ensure_weights, load_network
 
     torch.set_num_threads(threads)
     network = load_network(weights or ensure_weights("auto"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import paths
+from common.core import paths
 
 INT8_MODEL = paths.MODELS_DIR / "totalseg_fast_int8.onnx"
 CALIBRATION_SEEDS = (1001, 1002)  # not the manifest's phantom seeds (0..), not the tests' (7)
@@ -22,8 +22,8 @@ CALIBRATION_PATCH = (64, 64, 64)
 
 def calibration_patches(n_per_volume: int = 4, seed_list=CALIBRATION_SEEDS) -> list[np.ndarray]:
     """Normalized 64^3 patches from phantoms made for calibration only, run through our preprocessing."""
-    from common import preprocess, resample
-    from common.phantoms import make_phantom
+    from common.pipeline import preprocess, resample
+    from common.data.phantoms import make_phantom
 
     patches = []
     for seed in seed_list:

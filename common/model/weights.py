@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import paths
+from common.core import paths
 
 TASK_ID = 297
 DATASET_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"

@@ -2,7 +2,7 @@
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = REPO_ROOT / "models"
 CT_DATA_DIR = REPO_ROOT / "ct_data"
 BENCHMARKS_DIR = REPO_ROOT / "benchmarks"

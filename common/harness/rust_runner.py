@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import paths
+from common.core import paths
 
 BINARY_NAME = "totalseg-rust"
 TIMING_KEYS = ("load_s", "preprocess_s", "inference_s", "postprocess_s", "save_s", "wall_s")
@@ -168,7 +168,7 @@ class RustWorker:
 
 def benchmark_runner(threads: int, model_path: Path = paths.ONNX_MODEL):
     """The bench.Runner for the `rust_onnx` row (one worker process for the whole benchmark)."""
-    from common.bench import Runner
+    from common.harness.bench import Runner
 
     worker = RustWorker(model_path, threads)
 

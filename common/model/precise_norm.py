@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import paths
+from common.core import paths
 
 PRECISE_NORM_MODEL = paths.MODELS_DIR / "totalseg_fast_precise_norm.onnx"
 REWRITE_VERSION = "2"  # bump when the rewrite changes: a cached model of an older rewrite is rebuilt
@@ -103,7 +103,7 @@ def _with_patch_shape(model):
     """`model` with its spatial axes fixed to the tile (a dynamic-axes export leaves them open)."""
     from onnx.tools.update_model_dims import update_inputs_outputs_dims
 
-    from common.weights import NUM_CLASSES, PATCH_SIZE
+    from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
     dims = [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
     if all(isinstance(d, int) and d > 0 for d in dims):
@@ -116,7 +116,7 @@ def ensure_precise_norm_model(source: Path = paths.ONNX_MODEL, target: Path = PR
     """The rewritten model, built (atomically) when missing or exported from another checkpoint."""
     import onnx
 
-    from common.backends import onnx_checkpoint_sha
+    from common.runtime.backends import onnx_checkpoint_sha
 
     source_sha = onnx_checkpoint_sha(source)
     if target.is_file() and source_sha and _metadata(target) == {"checkpoint_sha256": source_sha,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.weights import CT_CLIP, CT_MEAN, CT_STD
+from common.model.weights import CT_CLIP, CT_MEAN, CT_STD
 
 
 def nonzero_bbox(data: np.ndarray) -> list[tuple[int, int]]:

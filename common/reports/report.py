@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import paths
-from common.bench import RESULT_COLUMNS
-from common.pipeline import STAGES
+from common.core import paths
+from common.harness.bench import RESULT_COLUMNS
+from common.pipeline.run import STAGES
 
 IMPLEMENTATION_ORDER = ["vanilla", "onnx_baseline", "rust_onnx", "onnx_optimized", "production"]
 LABELS = {"vanilla": "Vanilla PyTorch (TotalSegmentator)", "onnx_baseline": "Python-ONNX (baseline)",
@@ -104,7 +104,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
 
 def header_lines(title: str, frame: pd.DataFrame, environment: dict | None = None) -> list[str]:
     """Title plus the facts a reader needs before any number: weights, CPU, threads, data."""
-    from common.weights import read_model_info, weights_banner
+    from common.model.weights import read_model_info, weights_banner
 
     info = read_model_info()
     cpu = (environment or {}).get("cpu_model") or (frame.cpu_model.dropna().iloc[0]
@@ -197,7 +197,7 @@ def dataset_line(frame: pd.DataFrame) -> str:
     ids = sorted(frame.case_id.dropna().astype(str).unique())
     sources = {}
     try:
-        from common.data import read_manifest
+        from common.data.cases import read_manifest
 
         sources = {c.case_id: c.source for c in read_manifest(paths.DEFAULT_MANIFEST)}
     except Exception:  # noqa: BLE001 - no manifest: case ids alone

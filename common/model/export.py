@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import paths, preprocess
-from common.weights import PATCH_SIZE, ModelInfo, Weights, WeightsError, load_network, sha256_file
+from common.core import paths
+from common.pipeline import preprocess
+from common.model.weights import PATCH_SIZE, ModelInfo, Weights, WeightsError, load_network, sha256_file
 
 ARGMAX_AGREEMENT_MIN = 0.999
 ONNX_OPSET = 17
@@ -56,7 +57,7 @@ def export_onnx(weights: Weights, out_path: Path = paths.ONNX_MODEL, dynamic_spa
 
 def real_ct_patch(ct_path: Path | None = None, seed: int = 0) -> tuple[np.ndarray, str]:
     """A normalized (1, 1, *PATCH) patch of a real CT (already at 3 mm), or of a generated volume."""
-    from common import io
+    from common.core import io
 
     ct_path = ct_path or paths.shared_data_dir() / "example_ct.nii.gz"
     if ct_path.is_file():
@@ -79,7 +80,7 @@ def verify_export(weights: Weights, onnx_path: Path, threads: int, ct_path: Path
     """Compare ONNX Runtime with torch on one real-CT patch; raise WeightsError below the tolerance."""
     import torch
 
-    from common.backends import onnxruntime_backend
+    from common.runtime.backends import onnxruntime_backend
 
     patch, source = real_ct_patch(ct_path)
     torch.set_num_threads(threads)
@@ -100,7 +101,7 @@ def verify_export(weights: Weights, onnx_path: Path, threads: int, ct_path: Path
 
 def time_patch(onnx_path: Path, threads: int, shape: tuple[int, ...] = PATCH_SIZE, repeats: int = 2) -> float:
     """Median seconds per patch for ONNX Runtime with a default session (first run excluded)."""
-    from common.backends import onnxruntime_backend
+    from common.runtime.backends import onnxruntime_backend
 
     backend = onnxruntime_backend(threads, onnx_path)
     patch = np.random.default_rng(0).normal(size=(1, 1, *shape)).astype(np.float32)
@@ -115,7 +116,7 @@ def time_patch(onnx_path: Path, threads: int, shape: tuple[int, ...] = PATCH_SIZ
 
 def save_model_info(weights: Weights, onnx_path: Path, parameters: int, threads: int) -> ModelInfo:
     """models/model_info.json: what every report states in its first lines."""
-    from common.env import package_versions
+    from common.core.env import package_versions
 
     info = ModelInfo(
         weights_kind=weights.kind, checkpoint_sha256=weights.sha256, model_dir=str(weights.model_dir),

@@ -27,7 +27,7 @@ def capped_torch_threads(threads: int):
 
 def run_vanilla(input_path: Path, output_path: Path, threads: int, quiet: bool = True) -> dict[str, float]:
     """Segment one file with TotalSegmentator; returns {'wall_s': seconds from call to written output}."""
-    from common.weights import configure_totalseg_home
+    from common.model.weights import configure_totalseg_home
 
     configure_totalseg_home()
     from totalsegmentator.python_api import totalsegmentator
@@ -50,7 +50,7 @@ def vanilla_runner(threads: int):
     """The bench.Runner for TotalSegmentator (warm-up runs write to a temporary folder)."""
     import tempfile
 
-    from common.bench import Runner
+    from common.harness.bench import Runner
 
     def run(input_path: Path, output_path: Path | None) -> dict:
         if output_path is None:

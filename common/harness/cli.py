@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from common import paths
-from common.env import default_threads
+from common.core import paths
+from common.core.env import default_threads
 
 
 def add_benchmark_args(parser: argparse.ArgumentParser, repeats: int = 1, warmup: int = 0) -> None:
@@ -26,7 +26,7 @@ def add_benchmark_args(parser: argparse.ArgumentParser, repeats: int = 1, warmup
 
 def select_cases(args, pick_default: Callable[[list], list] | None = None) -> list:
     """The manifest's cases named by --cases; otherwise `pick_default(cases)` or the first --max-cases."""
-    from common.data import DataError, read_manifest
+    from common.data.cases import DataError, read_manifest
 
     if not Path(args.manifest).is_file():
         raise SystemExit(f"error: manifest {args.manifest} not found: run `python 01_download_data.py` first")
@@ -52,7 +52,7 @@ def select_cases(args, pick_default: Callable[[list], list] | None = None) -> li
 
 def prepare_runners(args, make: Callable[[], tuple[list, list[str]]]) -> tuple[list, list[str]]:
     """Check the cases first (before any model loads), then build the runners; one error line on failure."""
-    from common.weights import WeightsError
+    from common.model.weights import WeightsError
 
     select_cases(args)
     try:
@@ -67,8 +67,9 @@ def prepare_runners(args, make: Callable[[], tuple[list, list[str]]]) -> tuple[l
 def run_and_report(args, runners: list, title: str, report_name: str,
                    notes: list[str] = (), extra_setup: Callable[[], None] | None = None) -> int:
     """Run the runners on the selected cases, write one CSV per implementation, the report and SUMMARY.md."""
-    from common import bench, report
-    from common.env import apply_threads, environment_record
+    from common.harness import bench
+    from common.reports import report
+    from common.core.env import apply_threads, environment_record
 
     apply_threads(args.threads)
     cases = select_cases(args)

@@ -49,7 +49,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
                 errors.append((item, "folder holds no .nii or .nii.gz file"))
             files.extend(found)
         else:
-            files.append(path)  # existence and format are checked by common.io when it is processed
+            files.append(path)  # existence and format are checked by common.core.io when it is processed
     return files, errors
 
 
@@ -60,7 +60,7 @@ def output_for(input_path: Path, out_dir: Path) -> Path:
 def default_variant(out_dir: Path | None = None) -> tuple[str, str]:
     """(variant name, why): the best exact variant of 05's results, else ort_default."""
     try:
-        from common.production import choose_variants
+        from common.production.sweeps import choose_variants
 
         selection = choose_variants(out_dir)
         return selection.exact, selection.note
@@ -69,12 +69,12 @@ def default_variant(out_dir: Path | None = None) -> tuple[str, str]:
 
 
 def _reason(exc: BaseException, path: Path) -> str:
-    """One line, without the path prefix that common.io puts in front of its messages."""
+    """One line, without the path prefix that common.core.io puts in front of its messages."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     for prefix in (f"{path}: ", f"{path.absolute()}: "):
         if text.startswith(prefix):
             text = text[len(prefix):]
-    from common.io import InputError
+    from common.core.io import InputError
 
     if not isinstance(exc, InputError):
         text = f"{type(exc).__name__}: {text}"
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from common.topology import format_cpu_list, parse_cpu_list
+    from common.production.topology import format_cpu_list, parse_cpu_list
 
     if args.cpus:
         try:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for item, reason in errors:
         print(f"error: {item}: {reason}", file=sys.stderr)
 
-    from common.variants import get_variant, make_pipeline_runner  # heavy imports start here
+    from common.variants.table import get_variant, make_pipeline_runner  # heavy imports start here
 
     note = ""
     name = args.variant
@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     imports_done = time.time()
     try:
         if variant.backend == "onnxruntime":
-            from common import backends, paths
-            from common.weights import read_model_info
+            from common.runtime import backends
+            from common.core import paths
+            from common.model.weights import read_model_info
 
             info = read_model_info()
             model = variant.backend_options.get("model_path") or info.get("onnx_path") or paths.ONNX_MODEL

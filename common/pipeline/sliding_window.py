@@ -137,12 +137,12 @@ def accumulate_tile(logits: np.ndarray, pred: np.ndarray, gauss32: np.ndarray, s
                     threads: int = 1, block: int = 8) -> None:
     """logits[:, sl] = float16(float32(logits[:, sl]) + pred * gauss32), bit-exact with `sliding_window`.
 
-    One fused pass per class in rust/'s kernels where they are built (common/native_kernels.py); otherwise
+    One fused pass per class in rust/'s kernels where they are built (common/runtime/native_kernels.py); otherwise
     channel by channel, so temporaries are one channel, never the 118-channel volume, and `pred` (C, *patch)
     float32 is overwritten (it is the backend's reused output buffer), with torch's vectorized float16
     conversions where torch is installed (same IEEE round-to-nearest-even), numpy otherwise.
     """
-    from common import native_kernels
+    from common.runtime import native_kernels
 
     if native_kernels.accumulate_tile(logits, pred, gauss32, tuple(s.start for s in sl), threads):
         return
@@ -200,7 +200,7 @@ def divide_argmax(logits: np.ndarray, weights: np.ndarray | None, region: tuple[
     `region`, slab by slab along the first spatial axis: the same labels as dividing everything and then
     `argmax_labels`, with only a slab-sized temporary. `weights=None`: argmax of `logits` as they are.
     Ties go to the lowest index (torch and numpy agree)."""
-    from common import native_kernels
+    from common.runtime import native_kernels
 
     if region is None:
         region = tuple(slice(None) for _ in logits.shape[1:])

@@ -29,8 +29,8 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
-from common import phantoms
-from common.download import DownloadError, download, extract, file_hash
+from common.data import phantoms
+from common.data.download import DownloadError, download, extract, file_hash
 
 COLUMNS = ("case_id", "image", "label", "label_map", "source", "shape", "spacing", "orientation", "sha256")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -176,7 +176,7 @@ def read_manifest(path: Path | str | None = None) -> list[Case]:
     ``image``/``label`` come back as absolute paths (``label`` None where empty),
     ``label_map`` as ``dict[int, int]``, ``shape`` as ints, ``spacing`` as floats (mm).
     """
-    from common.paths import DEFAULT_MANIFEST
+    from common.core.paths import DEFAULT_MANIFEST
 
     path = Path(path or DEFAULT_MANIFEST).absolute()
     base = path.parent

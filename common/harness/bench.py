@@ -14,9 +14,9 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
-from common import metrics, paths
-from common.memory import PeakMemory
-from common.pipeline import STAGES
+from common.core import metrics, paths
+from common.core.memory import PeakMemory
+from common.pipeline.run import STAGES
 
 SPLEEN = 1
 RESULT_COLUMNS = ["implementation", "variant", "tier", "case_id", "repeat", "status", "error", "wall_s",

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import report
-from common.bench import RESULT_COLUMNS
-from common.pipeline import STAGES
-from common.weights import NUM_CLASSES, PATCH_SIZE
+from common.reports import report
+from common.harness.bench import RESULT_COLUMNS
+from common.pipeline.run import STAGES
+from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
 FEATURES = (32, 64, 128, 256, 320)
 PLOT = "optimized_pareto.png"
@@ -61,7 +61,7 @@ def static_notes(notes: list[str], peak: float | None) -> list[str]:
              "- With stand-in weights the approximate rows show **drift from vanilla only**: their real Dice "
              "needs the real weights; the same command measures it (Dice vs GT column) where they are present.",
              "- `ov_f32_exact` runs the ONNX model with each InstanceNormalization rewritten as the same math with "
-             "short-block sums (common/precise_norm.py): OpenVINO's (and ORT's) one-pass float32 statistics over a "
+             "short-block sums (common/model/precise_norm.py): OpenVINO's (and ORT's) one-pass float32 statistics over a "
              "1.6 M-voxel channel are off by ~1e-4 relative, torch's are not, and that was most of the drift of "
              "the ONNX rows from vanilla. `ov_f32_fast` is the same runtime on the unmodified model.",
              "- INT8 models are calibrated on phantoms generated for calibration only (seeds 1001, 1002), never "
@@ -137,7 +137,7 @@ def stage_lines(summary: pd.DataFrame) -> list[str]:
                      " | ".join(_f(getattr(r, s)) for s in STAGES) + f" | {_f(r.network_s)}" +
                      f" | {_f(100 * r.non_network_share, 0, '%')} | {_f(r.n_tiles, 1)} | {_f(r.network_gflops, 0)} | "
                      f"{_f(100 * r.efficiency, 0, '%')} |")
-    return lines + ["", "Vanilla's stages are TotalSegmentator's internal phases as `common/vanilla.py` records them; "
+    return lines + ["", "Vanilla's stages are TotalSegmentator's internal phases as `common/harness/vanilla.py` records them; "
                         "its network figures include nnU-Net's own overheads. "
                         "\"of which network\" is the time inside the runtime's calls alone (the inference stage also "
                         "holds tile extraction and the float16 accumulation); the non-network share is everything else "
@@ -209,14 +209,14 @@ def pareto_plot(summary: pd.DataFrame, path: Path) -> Path | None:
 
 
 def _stand_in() -> bool:
-    from common.weights import read_model_info
+    from common.model.weights import read_model_info
 
     return read_model_info().get("weights_kind") != "real"
 
 
 def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peak: float | None, threads: int) -> Path:
     """Replace the harness's generic report with 05's: both speedups, efficiency, Pareto plot."""
-    from common.env import environment_record
+    from common.core.env import environment_record
 
     out_dir = Path(out_dir)
     frame = _load(out_dir)

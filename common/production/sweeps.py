@@ -2,7 +2,7 @@
 
 Everything scales from the machine: thread counts and worker layouts come from the topology of the
 process's affinity mask (L3 domains, NUMA nodes), never from constants. Work runs in pinned child
-processes (``common.pinning``); backends are built inside the children.
+processes (``common.production.pinning``); backends are built inside the children.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import paths
-from common.pinning import memory_fits, run_pinned, run_queue, shell_command, taskset_command
-from common.topology import Topology, format_cpu_list, plan_worker_cpusets
+from common.core import paths
+from common.production.pinning import memory_fits, run_pinned, run_queue, shell_command, taskset_command
+from common.production.topology import Topology, format_cpu_list, plan_worker_cpusets
 
 FALLBACK_VARIANT = "ort_default"
 PARITY_MIN = 0.997
@@ -51,7 +51,7 @@ def _variant_medians(frame: pd.DataFrame) -> pd.DataFrame:
 
 def choose_variants(out_dir: Path | None = None) -> VariantChoice:
     """Fastest exact variant with median parity >= 0.997 and fastest approximate one, from 05's CSV."""
-    from common.variants import VARIANTS
+    from common.variants.table import VARIANTS
 
     csv = Path(out_dir or paths.BENCHMARKS_DIR) / "onnx_optimized_results.csv"
     if not csv.is_file() or csv.stat().st_size == 0:
@@ -129,7 +129,7 @@ def smallest_cases(cases: list, n: int) -> list:
 # ----------------------------------------------------------------------------- work done in pinned children
 
 def _peak_rss_mb() -> float:
-    from common.pinning import _peak_rss_mb as peak
+    from common.production.pinning import _peak_rss_mb as peak
 
     return peak()
 
@@ -138,7 +138,7 @@ def latency_point(variant_name: str, threads: int, cases: list[tuple[str, str, s
                   warmup: int) -> dict:
     """In a pinned child: build the variant, warm up, then time every (case_id, input, output) ``repeats`` times."""
     t0 = time.perf_counter()
-    from common.variants import get_variant, make_pipeline_runner
+    from common.variants.table import get_variant, make_pipeline_runner
 
     runner = make_pipeline_runner("production", get_variant(variant_name), threads)
     build_s = time.perf_counter() - t0
@@ -166,7 +166,7 @@ def throughput_item(item: tuple) -> dict:
     key = (variant_name, threads)
     info = {}
     if key not in _WORKER_RUNNERS:
-        from common.variants import get_variant, make_pipeline_runner
+        from common.variants.table import get_variant, make_pipeline_runner
 
         t0 = time.perf_counter()
         runner = make_pipeline_runner("production", get_variant(variant_name), threads)
@@ -189,7 +189,7 @@ def throughput_item(item: tuple) -> dict:
 class Settings:
     variants: list[str]
     tiers: dict[str, str]
-    cases: list  # common.data.Case
+    cases: list  # common.data.cases.Case
     thread_counts: list[int]
     combos: list[tuple[int, int]]
     repeats: int = 1
@@ -215,7 +215,7 @@ def _spread(values) -> tuple[float, float, float]:
 
 def latency_sweep(settings: Settings, topology: Topology, bar=None) -> pd.DataFrame:
     """One pinned child per (variant, T): one row per timed run."""
-    from common.pinning import PinnedChildError
+    from common.production.pinning import PinnedChildError
 
     rows = []
     for variant in settings.variants:
@@ -364,7 +364,7 @@ def reproduce_command(cpus: list[int], variant: str, threads: int, inputs: str =
 
 def cold_start(case, variant: str, threads: int, cpus: list[int], tmp_root: Path) -> dict:
     """Time from spawning a fresh `segment` process (taskset-pinned) to its output file appearing."""
-    from common.pinning import thread_env
+    from common.production.pinning import thread_env
 
     with tempfile.TemporaryDirectory(dir=tmp_root, prefix=".cold_") as tmp:
         timings_json = Path(tmp) / "timings.json"
@@ -408,7 +408,7 @@ def cold_start(case, variant: str, threads: int, cpus: list[int], tmp_root: Path
 
 
 def _stem(path) -> str:
-    from common.segment_cli import nifti_stem
+    from common.production.segment_cli import nifti_stem
 
     return nifti_stem(Path(path))
 
@@ -517,7 +517,7 @@ def reproduce_lines(rec: Recommendation) -> list[str]:
 def production_rows(rec: Recommendation, latency: pd.DataFrame, items: pd.DataFrame, cases: list,
                     env: dict, out_dir: Path) -> list[dict]:
     """RESULT_COLUMNS rows for the recommended configuration's per-case runs, scored like every other row."""
-    from common.bench import score
+    from common.harness.bench import score
 
     by_id = {c.case_id: c for c in cases}
     if rec.workers == 1:
@@ -614,8 +614,8 @@ def _f(value, digits=2) -> str:
 def write_report(path: Path, *, topology: Topology, env: dict, settings: Settings, choice: VariantChoice,
                  latency: pd.DataFrame, throughput: pd.DataFrame, cold: pd.DataFrame,
                  rec: Recommendation | None, plots: dict, elapsed_s: float) -> Path:
-    from common.report import write_text_atomic
-    from common.weights import weights_banner
+    from common.reports.report import write_text_atomic
+    from common.model.weights import weights_banner
 
     cases = ", ".join(f"{c.case_id} ({'x'.join(map(str, c.shape))})" for c in settings.cases)
     variants = ", ".join(f"{v} ({settings.tiers.get(v, '?')})" for v in settings.variants)

@@ -13,9 +13,10 @@ from typing import Callable
 
 import numpy as np
 
-from common import io, preprocess, resample, sliding_window
-from common.backends import Backend
-from common.weights import NUM_CLASSES, PATCH_SIZE
+from common.core import io
+from common.pipeline import preprocess, resample, sliding_window
+from common.runtime.backends import Backend
+from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
 STAGES = ("load_s", "preprocess_s", "inference_s", "postprocess_s", "save_s")
 

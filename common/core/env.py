@@ -6,7 +6,7 @@ import platform
 import subprocess
 from importlib import metadata
 
-from common import paths
+from common.core import paths
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "nnUNet_def_n_proc",
               "nnUNet_n_proc_DA")
@@ -70,8 +70,8 @@ def git_commit() -> str:
 
 
 def environment_record(threads: int) -> dict:
-    from common.topology import read_topology
-    from common.weights import read_model_info
+    from common.production.topology import read_topology
+    from common.model.weights import read_model_info
 
     info = read_model_info()
     topo = read_topology()

@@ -7,14 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.pipeline import PipelineConfig
+from common.pipeline.run import PipelineConfig
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     tier: str  # "exact": same math as vanilla, float rounding only; "approximate": changes the math
-    backend: str  # key of common.backends.BACKENDS
+    backend: str  # key of common.runtime.backends.BACKENDS
     description: str
     backend_options: dict = field(default_factory=dict)
     config: PipelineConfig = PipelineConfig()
@@ -52,7 +52,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             {**ORT_TUNED, "reuse_output": True}, FAST),
     Variant("ov_f32_exact", "exact", "openvino",
             "OpenVINO fp32 (INFERENCE_PRECISION_HINT=f32, static shape) on the model with InstanceNorm statistics "
-            "summed in short blocks (common/precise_norm.py) + exact fast stages", {**OV_F32, "model": "precise_norm"},
+            "summed in short blocks (common/model/precise_norm.py) + exact fast stages", {**OV_F32, "model": "precise_norm"},
             FAST),
     # approximate tier
     Variant("ov_f32_fast", "approximate", "openvino", "OpenVINO fp32 (INFERENCE_PRECISION_HINT=f32, static shape) "
@@ -88,14 +88,14 @@ def get_variant(name: str) -> Variant:
 def make_pipeline_runner(implementation: str, variant: Variant, threads: int, isolated: bool = False):
     """A bench.Runner running `variant` through the shared pipeline (backend built once).
 
-    `isolated`: the backend lives in its own worker process (common/variant_worker.py), started (and warmed
+    `isolated`: the backend lives in its own worker process (common/harness/variant_worker.py), started (and warmed
     up) before each timed run and stopped after it: the row's peak memory is that process tree's alone, and
     idle variants hold no memory (nine idle 2-4 GB runtimes exhausted a 24 GB machine).
     """
-    from common.bench import Runner
+    from common.harness.bench import Runner
 
     if isolated:
-        from common.variant_worker import VariantWorker
+        from common.harness.variant_worker import VariantWorker
 
         worker = VariantWorker(variant, threads)  # builds once here, so a runtime that cannot run is skipped
         worker.close()
@@ -109,8 +109,8 @@ def make_pipeline_runner(implementation: str, variant: Variant, threads: int, is
         return Runner(implementation, variant.name, variant.tier, run_and_release, memory_pid=worker.pid,
                       close=worker.close)
 
-    from common.backends import make_backend
-    from common.pipeline import segment_file
+    from common.runtime.backends import make_backend
+    from common.pipeline.run import segment_file
 
     backend = make_backend(variant.backend, threads, **variant.backend_options)
 

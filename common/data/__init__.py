@@ -1,0 +1,1 @@
+"""Data stage: the case manifest, dataset download and extraction, offline synthetic phantoms."""

@@ -1,0 +1,1 @@
+"""Pipeline stage: preprocessing, resampling, sliding-window inference and the end-to-end run of one CT."""

@@ -1,0 +1,1 @@
+"""Production stage (06): CPU topology, pinned processes, sweeps, cold start, recommendation, segment mode."""

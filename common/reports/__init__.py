@@ -1,0 +1,1 @@
+"""Reports stage: result CSVs, Markdown reports and SUMMARY.md of the benchmark scripts."""
