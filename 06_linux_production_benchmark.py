@@ -81,28 +81,32 @@ def benchmark(argv=None) -> int:
     import pandas as pd
     from tqdm import tqdm
 
-    from common.runtime import backends
-    from common.production import sweeps as production
-    from common.reports import report
     from common.core.env import environment_record
-    from common.production.topology import read_topology
-    from common.variants.table import get_variant
     from common.model.weights import WeightsError, read_model_info
+    from common.production import sweeps
+    from common.production.choice import choose_variants
+    from common.production.cold_start import cold_start
+    from common.production.recommend import production_rows, recommend, reproduce_lines
+    from common.production.report import plot_latency, plot_throughput, recommendation_markdown, write_report
+    from common.production.topology import plan_worker_cpusets, read_topology
+    from common.reports import report
+    from common.runtime import backends
+    from common.variants.table import get_variant
 
     topology = read_topology()
     n_cpus = min(args.max_threads or len(topology.cpus), len(topology.cpus))
     try:
         thread_counts = sorted({int(t) for t in args.threads_list.split(",") if t.strip()}) if args.threads_list \
-            else production.default_thread_counts(topology, n_cpus)
-        combos = production.parse_combos(args.combos) if args.combos \
-            else production.default_combos(thread_counts, n_cpus)
+            else sweeps.default_thread_counts(topology, n_cpus)
+        combos = sweeps.parse_combos(args.combos) if args.combos \
+            else sweeps.default_combos(thread_counts, n_cpus)
     except ValueError as exc:
         return fail(str(exc))
     bad = [t for t in thread_counts if t < 1 or t > len(topology.cpus)]
     if bad:
         return fail(f"thread counts {bad} outside 1..{len(topology.cpus)} (CPUs in the affinity mask)")
 
-    choice = production.choose_variants(args.out)
+    choice = choose_variants(args.out)
     if args.variants:
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         choice.note = f"variants chosen with --variants ({choice.note})"
@@ -121,10 +125,10 @@ def benchmark(argv=None) -> int:
 
     cases = select_cases(args)
     env = environment_record(n_cpus)
-    settings = production.Settings(variants=names, tiers=tiers, cases=cases, thread_counts=thread_counts,
-                                   combos=combos, repeats=args.repeats, warmup=args.warmup,
-                                   cold_repeats=args.cold_repeats, out_dir=args.out,
-                                   available_mb=args.memory_limit_mb, progress=not args.no_progress)
+    settings = sweeps.Settings(variants=names, tiers=tiers, cases=cases, thread_counts=thread_counts,
+                               combos=combos, repeats=args.repeats, warmup=args.warmup,
+                               cold_repeats=args.cold_repeats, out_dir=args.out,
+                               available_mb=args.memory_limit_mb, progress=not args.no_progress)
     print(f"06: {len(topology.cpus)} CPUs ({topology.model_name}), {len(topology.l3_domains)} L3 domain(s), "
           f"{len(topology.numa_nodes)} NUMA node(s); variants {', '.join(names)}; threads {thread_counts}; "
           f"W x T {', '.join(f'{w}x{t}' for w, t in combos)}; cases {', '.join(c.case_id for c in cases)}",
@@ -134,37 +138,37 @@ def benchmark(argv=None) -> int:
 
     total = len(names) * len(thread_counts) + len(combos) + args.cold_repeats
     with tqdm(total=total, desc="06 production", unit="step", disable=args.no_progress) as bar:
-        latency = production.latency_sweep(settings, topology, bar)
+        latency = sweeps.latency_sweep(settings, topology, bar)
         report.write_text_atomic(args.out / "production_latency_sweep.csv", latency.to_csv(index=False, float_format="%.6g"))
-        throughput, items = production.throughput_sweep(settings, topology, names[0], latency, bar,
-                                                        log=lambda m: bar.write(m, file=sys.stderr))
+        throughput, items = sweeps.throughput_sweep(settings, topology, names[0], latency, bar,
+                                                    log=lambda m: bar.write(m, file=sys.stderr))
         report.write_text_atomic(args.out / "production_throughput_sweep.csv",
                                  throughput.to_csv(index=False, float_format="%.6g"))
         report.write_text_atomic(args.out / "production_throughput_items.csv",
                                  items.to_csv(index=False, float_format="%.6g"))
-        table = production.latency_table(latency) if not latency.empty else pd.DataFrame()
+        table = sweeps.latency_table(latency) if not latency.empty else pd.DataFrame()
         cold_rows = []
         ok_lat = table[(table.status == "ok") & (table.variant == names[0])] if not table.empty else table
         if args.cold_repeats and not ok_lat.empty:
             best = ok_lat.sort_values("median_s").iloc[0]
-            cpus = production.plan_worker_cpusets(topology, 1, int(best.threads))[0]
+            cpus = plan_worker_cpusets(topology, 1, int(best.threads))[0]
             for _ in range(args.cold_repeats):
                 bar.set_postfix_str(f"cold start {names[0]} T={int(best.threads)}")
-                cold_rows.append(production.cold_start(cases[0], names[0], int(best.threads), cpus, args.out))
+                cold_rows.append(cold_start(cases[0], names[0], int(best.threads), cpus, args.out))
                 bar.update()
         cold = pd.DataFrame(cold_rows)
         report.write_text_atomic(args.out / "production_cold_start.csv", cold.to_csv(index=False, float_format="%.6g"))
 
-    rec = production.recommend(latency, throughput, cold, topology, choice, env)
-    rows = production.production_rows(rec, latency, items, cases, env, args.out) if rec else []
+    rec = recommend(latency, throughput, cold, topology, choice, env)
+    rows = production_rows(rec, latency, items, cases, env, args.out) if rec else []
     report.write_results(rows, report.results_path(args.out, "production"))
-    plots = {"latency": production.plot_latency(table, args.out / "production_latency.png") if not table.empty else None,
-             "throughput": production.plot_throughput(throughput, args.out / "production_throughput.png")}
-    path = production.write_report(args.out / "production_report.md", topology=topology, env=env, settings=settings,
-                                   choice=choice, latency=latency, throughput=throughput, cold=cold, rec=rec,
-                                   plots=plots, elapsed_s=time.time() - started)
+    plots = {"latency": plot_latency(table, args.out / "production_latency.png") if not table.empty else None,
+             "throughput": plot_throughput(throughput, args.out / "production_throughput.png")}
+    path = write_report(args.out / "production_report.md", topology=topology, env=env, settings=settings,
+                        choice=choice, latency=latency, throughput=throughput, cold=cold, rec=rec,
+                        plots=plots, elapsed_s=time.time() - started)
     report.write_text_atomic(args.out / report.PRODUCTION_RECOMMENDATION,
-                             production.recommendation_markdown(rec, settings))
+                             recommendation_markdown(rec, settings))
     summary = report.write_summary(args.out, env)
 
     errors = []
@@ -178,7 +182,7 @@ def benchmark(argv=None) -> int:
         print(f"error: {line}", file=sys.stderr)
     if rec:
         print("\n".join(rec.text))
-        print("Reproduce:\n  " + "\n  ".join(production.reproduce_lines(rec)))
+        print("Reproduce:\n  " + "\n  ".join(reproduce_lines(rec)))
     print(f"Wrote {path}, {summary} and production CSVs/plots in {args.out} ({(time.time() - started) / 60:.1f} min)")
     return 1 if errors or rec is None else 0
 

@@ -9,7 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.production import sweeps as production
+from common.production import sweeps
+from common.production.choice import VariantChoice, choose_variants
+from common.production.cold_start import cold_start
+from common.production.recommend import recommend, reproduce_lines
 from common.production.topology import read_topology
 from tests.test_topology import make_sysfs
 
@@ -30,25 +33,25 @@ def case(case_id, image, shape=(1, 1, 1)):
 
 def test_sweeps_scale_with_the_machine(tmp_path):
     small = fake_topology(tmp_path, 2, 2)
-    assert production.default_thread_counts(small) == [1, 2]
-    assert production.default_combos([1, 2], 2) == [(1, 1), (2, 1), (1, 2)]
+    assert sweeps.default_thread_counts(small) == [1, 2]
+    assert sweeps.default_combos([1, 2], 2) == [(1, 1), (2, 1), (1, 2)]
 
     epyc = fake_topology(tmp_path, 96, 12, numa_nodes=2)  # 8 CCDs of 12 cores, 2 NUMA nodes
-    counts = production.default_thread_counts(epyc)
+    counts = sweeps.default_thread_counts(epyc)
     assert {1, 2, 4, 8, 12, 16, 32, 48, 64, 96} <= set(counts) and max(counts) == 96
-    assert production.default_thread_counts(epyc, max_threads=24)[-1] == 24
-    combos = production.default_combos(counts, 96)
+    assert sweeps.default_thread_counts(epyc, max_threads=24)[-1] == 24
+    combos = sweeps.default_combos(counts, 96)
     assert (8, 12) in combos and (96, 1) in combos and (1, 96) in combos
     assert all(w * t <= 96 for w, t in combos)
-    assert production.parse_combos("2x1, 1X2") == [(2, 1), (1, 2)]
+    assert sweeps.parse_combos("2x1, 1X2") == [(2, 1), (1, 2)]
     with pytest.raises(ValueError, match="bad W x T"):
-        production.parse_combos("2by1")
+        sweeps.parse_combos("2by1")
 
 
 def test_choose_variants_from_05_results(tmp_path, monkeypatch):
     from common.variants import table as variants
 
-    choice = production.choose_variants(tmp_path)
+    choice = choose_variants(tmp_path)
     assert (choice.exact, choice.approximate) == ("ort_default", None) and "no 05 results" in choice.note
 
     for name, tier in [("fast_exact_drifts", "exact"), ("slow_exact", "exact"), ("approx", "approximate")]:
@@ -61,7 +64,7 @@ def test_choose_variants_from_05_results(tmp_path, monkeypatch):
             rows.append({"implementation": "onnx_optimized", "variant": variant, "tier": tier, "case_id": case_id,
                          "status": "ok", "wall_s": wall, "parity_agreement": parity})
     pd.DataFrame(rows).to_csv(tmp_path / "onnx_optimized_results.csv", index=False)
-    choice = production.choose_variants(tmp_path)
+    choice = choose_variants(tmp_path)
     assert choice.exact == "slow_exact", "the faster exact variant fails parity >= 0.997"
     assert choice.approximate == "approx", "a variant unknown to this checkout is not picked"
 
@@ -78,25 +81,25 @@ def synthetic(lat_by_threads, tp_by_combo, variant="v"):
 
 def test_recommendation_follows_the_numbers(tmp_path):
     topo = fake_topology(tmp_path, 2, 2)
-    choice = production.VariantChoice("v", None, "")
+    choice = VariantChoice("v", None, "")
     env = {"weights_kind": "stand-in"}
     latency, throughput = synthetic({1: 40.0, 2: 22.0}, {(1, 1): 90, (1, 2): 164, (2, 1): 190})
-    rec = production.recommend(latency, throughput, pd.DataFrame(), topo, choice, env)
+    rec = recommend(latency, throughput, pd.DataFrame(), topo, choice, env)
     assert (rec.workers, rec.threads, rec.latency_threads) == (2, 1, 2)
     assert rec.cpusets == [[0], [1]] and "190 cases/hour" in rec.text[0] and "stand-in" in rec.text[-1]
-    assert production.reproduce_lines(rec)[0].startswith("env OMP_NUM_THREADS=1")
-    assert "taskset -c 0 python 06_linux_production_benchmark.py segment" in production.reproduce_lines(rec)[0]
+    assert reproduce_lines(rec)[0].startswith("env OMP_NUM_THREADS=1")
+    assert "taskset -c 0 python 06_linux_production_benchmark.py segment" in reproduce_lines(rec)[0]
 
     latency, throughput = synthetic({1: 40.0, 2: 30.0}, {(1, 1): 90, (1, 2): 200, (2, 1): 150})
-    rec = production.recommend(latency, throughput, pd.DataFrame(), topo, choice, env)
+    rec = recommend(latency, throughput, pd.DataFrame(), topo, choice, env)
     assert (rec.workers, rec.threads) == (1, 2) and rec.cpusets == [[0, 1]]
-    assert production.reproduce_lines(rec) == [
+    assert reproduce_lines(rec) == [
         "env OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2 taskset -c 0-1 python "
         "06_linux_production_benchmark.py segment IN.nii.gz -o OUT_DIR --variant v --threads 2"]
     assert not any("idle" in t for t in rec.text)
 
     latency, throughput = synthetic({1: 20.0, 2: 30.0}, {(1, 1): 180, (1, 2): 120, (2, 1): 150})
-    rec = production.recommend(latency, throughput, pd.DataFrame(), topo, choice, env)
+    rec = recommend(latency, throughput, pd.DataFrame(), topo, choice, env)
     assert (rec.workers, rec.threads, rec.latency_threads) == (1, 1, 1)
     assert any("leaves 1 of 2 CPUs idle" in t for t in rec.text)
 
@@ -104,10 +107,10 @@ def test_recommendation_follows_the_numbers(tmp_path):
 def test_worker_count_that_does_not_fit_is_refused(tmp_path):
     topo = fake_topology(tmp_path, 4, 4)
     latency, _ = synthetic({1: 10.0}, {})
-    settings = production.Settings(variants=["v"], tiers={"v": "exact"}, cases=[case("c", "/nonexistent")],
-                                   thread_counts=[1], combos=[(4, 1), (8, 1)], out_dir=tmp_path, available_mb=1000)
+    settings = sweeps.Settings(variants=["v"], tiers={"v": "exact"}, cases=[case("c", "/nonexistent")],
+                               thread_counts=[1], combos=[(4, 1), (8, 1)], out_dir=tmp_path, available_mb=1000)
     messages = []
-    combos, items = production.throughput_sweep(settings, topo, "v", latency, log=messages.append)
+    combos, items = sweeps.throughput_sweep(settings, topo, "v", latency, log=messages.append)
     assert items.empty, "nothing may run"
     assert list(combos.status) == ["refused", "refused"]
     assert "4 workers x 575 MB peak RSS = 2300 MB does NOT fit in 1000 MB" in combos.message[0]
@@ -121,9 +124,9 @@ def test_throughput_two_pinned_workers_two_cases(tmp_path, shared_data, onnx_mod
     topo = read_topology()
     cases = [case("example_ct_sm", shared_data / "example_ct_sm.nii.gz"), case("example_ct", shared_data / "example_ct.nii.gz")]
     latency, _ = synthetic({1: 10.0}, {}, variant="ort_default")
-    settings = production.Settings(variants=["ort_default"], tiers={"ort_default": "exact"}, cases=cases,
-                                   thread_counts=[1], combos=[(2, 1)], warmup=0, out_dir=tmp_path)
-    combos, items = production.throughput_sweep(settings, topo, "ort_default", latency)
+    settings = sweeps.Settings(variants=["ort_default"], tiers={"ort_default": "exact"}, cases=cases,
+                               thread_counts=[1], combos=[(2, 1)], warmup=0, out_dir=tmp_path)
+    combos, items = sweeps.throughput_sweep(settings, topo, "ort_default", latency)
 
     [row] = combos.to_dict("records")
     assert row["status"] == "ok", row
@@ -146,7 +149,7 @@ def test_throughput_two_pinned_workers_two_cases(tmp_path, shared_data, onnx_mod
 def test_cold_start_reports_a_failing_process(tmp_path, onnx_model, threads):
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not a nifti")
-    row = production.cold_start(case("bad", bad), "ort_default", threads, AFFINITY[:threads], tmp_path)
+    row = cold_start(case("bad", bad), "ort_default", threads, AFFINITY[:threads], tmp_path)
     assert row["status"] == "error" and row["returncode"] == 1
     assert row["error"].startswith(f"error: {bad}: not a readable NIfTI")
     assert row["command"].startswith("taskset -c ") and " segment " in row["command"]

@@ -60,7 +60,7 @@ def output_for(input_path: Path, out_dir: Path) -> Path:
 def default_variant(out_dir: Path | None = None) -> tuple[str, str]:
     """(variant name, why): the best exact variant of 05's results, else ort_default."""
     try:
-        from common.production.sweeps import choose_variants
+        from common.production.choice import choose_variants
 
         selection = choose_variants(out_dir)
         return selection.exact, selection.note
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     imports_done = time.time()
     try:
         if variant.backend == "onnxruntime":
-            from common.runtime import backends
             from common.core import paths
             from common.model.weights import read_model_info
+            from common.runtime import backends
 
             info = read_model_info()
             model = variant.backend_options.get("model_path") or info.get("onnx_path") or paths.ONNX_MODEL
