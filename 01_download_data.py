@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from common.core.paths import CT_DATA_DIR
 from common.data.cases import ABDOMENCTCT, DEFAULT_EXCLUDE, MSD_SPLEEN, DataError, prepare_msd_l2r, \
     prepare_offline, scan_dir, write_manifest
 from common.data.download import DownloadError, reachable_all
-from common.core.paths import CT_DATA_DIR
 
 PROBE_TIMEOUT_S = 3.0
 

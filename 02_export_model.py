@@ -48,8 +48,8 @@ def shape_study(weights, threads: int, static_path: Path) -> dict:
 
 
 def write_report(path: Path, info, check, study: dict | None) -> None:
-    from common.reports.report import write_text_atomic
     from common.model.weights import weights_banner
+    from common.reports.report import write_text_atomic
 
     lines = ["# ONNX export report", "", weights_banner(info.__dict__), "",
              f"- ONNX model: `{info.onnx_path}` (sha256 `{info.onnx_sha256[:16]}`), opset {info.architecture['opset']}",

@@ -17,10 +17,10 @@ IMPLEMENTATIONS = ("onnx", "torch", "rust")
 
 
 def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
-    from common.runtime import backends
     from common.core import paths
-    from common.variants.table import Variant, get_variant, make_pipeline_runner
     from common.model.weights import read_model_info
+    from common.runtime import backends
+    from common.variants.table import Variant, get_variant, make_pipeline_runner
 
     runners, notes = [], []
     info = read_model_info()

@@ -28,11 +28,11 @@ def list_variants() -> str:
 
 def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseline: bool,
                  calibrate: bool = True) -> tuple[list, list[str]]:
-    from common.runtime import backends
     from common.core import paths
     from common.harness.vanilla import vanilla_runner
-    from common.variants.table import get_variant, make_pipeline_runner
     from common.model.weights import read_model_info
+    from common.runtime import backends
+    from common.variants.table import get_variant, make_pipeline_runner
 
     info = read_model_info()
     backends.check_onnx_matches(paths.ONNX_MODEL, info.get("checkpoint_sha256"))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.harness import bench
 from common.core import metrics
+from common.harness import bench
 from common.pipeline.run import PipelineConfig, segment_file
 
 from parity_bounds import TWIN_MIN, ort_bound  # noqa: E402
@@ -72,8 +72,8 @@ def test_onnx_baseline_matches_vanilla(name, shared_data, generated_volumes, ort
 def test_onnx_flips_are_near_ties(shared_data, torch_backend, ort_backend):
     """Where ORT and torch labels differ, torch's own logits for the two labels are nearly tied."""
     from common.core import io
-    from common.pipeline import preprocess, sliding_window
     from common.model.weights import NUM_CLASSES, PATCH_SIZE
+    from common.pipeline import preprocess, sliding_window
 
     volume = io.load_volume(shared_data / "example_ct_sm.nii.gz")
     image = volume.data.astype(np.int32).transpose(2, 1, 0)  # already RAS and 3 mm

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from common.core import io, metrics
-from common.pipeline import preprocess, resample, sliding_window
 from common.model.weights import CT_CLIP, CT_MEAN, CT_STD, PATCH_SIZE
+from common.pipeline import preprocess, resample, sliding_window
 
 
 @pytest.mark.parametrize("size", [(112, 112, 128), (137, 137, 150), (300, 120, 129), (113, 250, 400)])

@@ -86,9 +86,9 @@ def test_cached_model_follows_the_checkpoint(tmp_path, monkeypatch):
 def test_dynamic_axes_export_runs_as_tiles(stand_in, threads, tmp_path):
     """02 may pick a dynamic-axes export (measured faster): the tile backends and the precise-norm model
     then fix the spatial axes to the patch instead of failing."""
-    from common.runtime.backends import make_backend
     from common.model.export import export_onnx
     from common.model.weights import NUM_CLASSES, PATCH_SIZE
+    from common.runtime.backends import make_backend
 
     dynamic = export_onnx(stand_in, tmp_path / "dynamic.onnx", dynamic_spatial=True)
     patch = np.random.default_rng(0).standard_normal((1, 1, *PATCH_SIZE)).astype(np.float32)

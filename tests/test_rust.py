@@ -25,8 +25,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from common.harness import bench
 from common.core import metrics
+from common.harness import bench
 from common.harness.rust_runner import TIMING_KEYS, RustWorker, run_rust_cases, skip_reason
 
 PARITY_MIN = 0.997
@@ -136,8 +136,8 @@ def rust_outputs(parity_inputs, onnx_model, threads, tmp_path_factory) -> dict[s
 
 def test_rust_reproduces_the_python_onnx_pipeline(parity_inputs, rust_outputs, onnx_model, threads, tmp_path):
     """Same network runtime, same model: any difference would be a Rust pipeline mistake."""
-    from common.runtime.backends import onnxruntime_backend
     from common.pipeline.run import PipelineConfig, segment_file
+    from common.runtime.backends import onnxruntime_backend
 
     name = "lps_anisotropic"  # orientation and both resamplings run
     out = tmp_path / "python_ort.nii.gz"

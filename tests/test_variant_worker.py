@@ -20,9 +20,9 @@ import psutil
 import pytest
 
 from common.harness import bench
-from common.runtime.backends import BackendUnavailable
-from common.pipeline.run import STAGES
 from common.harness.variant_worker import VariantWorker
+from common.pipeline.run import STAGES
+from common.runtime.backends import BackendUnavailable
 from common.variants.table import VARIANTS, Variant, make_pipeline_runner
 
 VARIANT = VARIANTS["ort_tuned_fast"]

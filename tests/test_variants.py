@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from common.harness import bench
 from common.core import metrics
+from common.harness import bench
 from common.pipeline import preprocess, resample, sliding_window
-from common.runtime.backends import Backend, BackendUnavailable
 from common.pipeline.run import PipelineConfig, segment_file
+from common.runtime.backends import Backend, BackendUnavailable
 from common.variants.table import FAST, VARIANTS
 
 from parity_bounds import TWIN_MIN, exact_bound  # noqa: E402
@@ -241,8 +241,8 @@ def test_approximate_variant_runs(variant, generated_volumes, onnx_model, int8_m
 def test_whole_volume_labels_are_the_runtime_argmax(onnx_model, threads):
     """The whole-volume model (any shape, argmax appended) gives the argmax of the patch model's logits, and
     labels of the input's own shape for a shape it was never compiled for."""
-    from common.runtime.backends import make_backend
     from common.model.weights import PATCH_SIZE
+    from common.runtime.backends import make_backend
 
     pytest.importorskip("openvino")
     _BACKENDS.clear()

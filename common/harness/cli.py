@@ -67,9 +67,9 @@ def prepare_runners(args, make: Callable[[], tuple[list, list[str]]]) -> tuple[l
 def run_and_report(args, runners: list, title: str, report_name: str,
                    notes: list[str] = (), extra_setup: Callable[[], None] | None = None) -> int:
     """Run the runners on the selected cases, write one CSV per implementation, the report and SUMMARY.md."""
+    from common.core.env import apply_threads, environment_record
     from common.harness import bench
     from common.reports import report
-    from common.core.env import apply_threads, environment_record
 
     apply_threads(args.threads)
     cases = select_cases(args)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from common.core import paths
-from common.pipeline import preprocess
 from common.model.weights import PATCH_SIZE, ModelInfo, Weights, WeightsError, load_network, sha256_file
+from common.pipeline import preprocess
 
 ARGMAX_AGREEMENT_MIN = 0.999
 ONNX_OPSET = 17

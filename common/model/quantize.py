@@ -22,8 +22,8 @@ CALIBRATION_PATCH = (64, 64, 64)
 
 def calibration_patches(n_per_volume: int = 4, seed_list=CALIBRATION_SEEDS) -> list[np.ndarray]:
     """Normalized 64^3 patches from phantoms made for calibration only, run through our preprocessing."""
-    from common.pipeline import preprocess, resample
     from common.data.phantoms import make_phantom
+    from common.pipeline import preprocess, resample
 
     patches = []
     for seed in seed_list:

@@ -14,9 +14,9 @@ from typing import Callable
 import numpy as np
 
 from common.core import io
+from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline import preprocess, resample, sliding_window
 from common.runtime.backends import Backend
-from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
 STAGES = ("load_s", "preprocess_s", "inference_s", "postprocess_s", "save_s")
 

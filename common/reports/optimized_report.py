@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.reports import report
 from common.harness.bench import RESULT_COLUMNS
-from common.pipeline.run import STAGES
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
+from common.pipeline.run import STAGES
+from common.reports import report
 
 FEATURES = (32, 64, 128, 256, 320)
 PLOT = "optimized_pareto.png"

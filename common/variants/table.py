@@ -109,8 +109,8 @@ def make_pipeline_runner(implementation: str, variant: Variant, threads: int, is
         return Runner(implementation, variant.name, variant.tier, run_and_release, memory_pid=worker.pid,
                       close=worker.close)
 
-    from common.runtime.backends import make_backend
     from common.pipeline.run import segment_file
+    from common.runtime.backends import make_backend
 
     backend = make_backend(variant.backend, threads, **variant.backend_options)
 
