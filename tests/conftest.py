@@ -2,16 +2,11 @@
 vanilla TotalSegmentator outputs (computed once per session, cached per input)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from common.core import paths  # noqa: E402
+from common.core import paths
 
 
 @pytest.fixture(scope="session")

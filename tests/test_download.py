@@ -21,12 +21,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common.data import phantoms
+from common.data.cases import ABDOMENCTCT, read_manifest
+from common.data.download import DownloadError, download, extract, reachable_all
 
-from common.data import phantoms  # noqa: E402
-from common.data.cases import ABDOMENCTCT, read_manifest  # noqa: E402
-from common.data.download import DownloadError, download, extract, reachable_all  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 FAST = dict(retries=0, backoff=0.01, timeout=2, progress=False)
 

@@ -5,20 +5,18 @@ import csv
 import hashlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common.core.paths import shared_data_dir
+from common.data import phantoms
+from common.data.cases import (ABDOMENCTCT, COLUMNS, Case, DataError, label_map_from_json, labelled_pairs, make_case,
+                               read_manifest, scan_dir, select_evenly, write_manifest)
 
-from common.data import phantoms  # noqa: E402
-from common.data.cases import (ABDOMENCTCT, COLUMNS, Case, DataError, label_map_from_json,  # noqa: E402
-                               labelled_pairs, make_case, read_manifest, scan_dir, select_evenly, write_manifest)
-from common.core.paths import shared_data_dir  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED = shared_data_dir()
 needs_shared = pytest.mark.skipif(not (SHARED / "example_ct.nii.gz").is_file(),

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.data import phantoms  # noqa: E402
-from common.data.phantoms import DEFAULT_SET, TS_IDS, make_phantom, write_phantom  # noqa: E402
+from common.data import phantoms
+from common.data.phantoms import DEFAULT_SET, TS_IDS, make_phantom, write_phantom
 
 # Coarse grid over a full abdominal field of view (416 x 416 x 432 mm), fast to make.
 TINY = dict(shape=(64, 64, 48), spacing=(6.5, 6.5, 9.0))
