@@ -1,11 +1,18 @@
 #!/usr/bin/env python3
 """02: get the TotalSegmentator --fast model (Dataset297) and export it to ONNX.
 
-Weights: `real` downloads Dataset297 through TotalSegmentator's own downloader into a
-project-local TOTALSEG_HOME_DIR (default models/totalseg_home); `stand-in` writes a seeded
-checkpoint with the real architecture (offline; NOT clinically meaningful); `auto` tries real
-and falls back to stand-in with a warning. Writes models/totalseg_fast.onnx,
-models/model_info.json and benchmarks/export_report.md.
+Weights (see README, "Weights"):
+  real      Dataset297 through TotalSegmentator's own downloader into a project-local
+            TOTALSEG_HOME_DIR (default models/totalseg_home), or --weights-zip for the official
+            zip copied by hand to an air-gapped server
+  proxy     the same architecture trained here (models/proxy/, tools/train_proxy.py): offline
+            accuracy and drift verdicts
+  stand-in  seeded random weights with the real architecture: plumbing and speed only
+  auto      real, else the proxy, else the stand-in, with a loud banner for each fallback
+
+The exported model always has the static patch shape every sliding-window run feeds; the
+static-vs-dynamic timing is a report line only (a build artefact must not depend on a noisy
+timing). Writes models/totalseg_fast.onnx, models/model_info.json and benchmarks/export_report.md.
 """
 from __future__ import annotations
 
@@ -19,8 +26,11 @@ from common.core.env import apply_threads, default_threads
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", choices=("auto", "real", "stand-in"), default="auto",
-                        help="which weights to use (default: auto = real, else stand-in with a warning)")
+    parser.add_argument("--weights", choices=("auto", "real", "proxy", "stand-in"), default="auto",
+                        help="which weights to use (default: auto = real, else proxy, else stand-in, with a warning)")
+    parser.add_argument("--weights-zip", type=Path, default=None, metavar="ZIP",
+                        help="import the official Dataset297 zip copied by hand (air-gapped servers); "
+                             "checked, then used as the real weights")
     parser.add_argument("--home", type=Path, default=None,
                         help="TotalSegmentator home (default: $TOTALSEG_HOME_DIR or models/totalseg_home)")
     parser.add_argument("--onnx", type=Path, default=paths.ONNX_MODEL, help="ONNX output path")
@@ -67,9 +77,9 @@ def write_report(path: Path, info, check, study: dict | None) -> None:
         lines += ["| model | s per 112x112x128 patch (ONNX Runtime, default session) |", "| --- | ---: |",
                   f"| static (1,1,112,112,128) | {study['static_s']:.2f} |",
                   f"| dynamic z,y,x | {study['dynamic_s']:.2f} |", "",
-                  f"Rule: dynamic axes only where they measure more than 5% faster (the sliding window only "
-                  f"ever feeds full patches). Chosen in this run: **{study['chosen']}** "
-                  f"({info.architecture['threads']} threads; timings on a shared machine drift, rerun to confirm)."]
+                  f"The exported model is always the static one: the sliding window only ever feeds full patches, "
+                  f"and a build artefact must not depend on a timing ({info.architecture['threads']} threads; "
+                  f"timings on a shared machine drift)."]
     else:
         lines.append("Not measured in this run (--skip-shape-study).")
     write_text_atomic(path, "\n".join(lines) + "\n")
@@ -82,11 +92,19 @@ def main(argv=None) -> int:
     from common.model.weights import WeightsError, count_parameters, ensure_weights, load_network
 
     try:
+        if args.weights_zip:
+            from common.model.weights_zip import import_weights_zip
+
+            print(f"Importing {args.weights_zip} ...")
+            import_weights_zip(args.weights_zip, args.home)
+            args.weights = "real"
         weights = ensure_weights(args.weights, args.home)
         print(f"Weights: {weights.kind} ({weights.model_dir})")
         if weights.is_stand_in:
             print("NOTE: using STAND-IN weights: seeded random weights with the real architecture; "
                   "results show speed and parity only, never clinical accuracy.")
+        elif weights.kind == "proxy":
+            print(f"NOTE: using PROXY weights ({export.weights_note(weights)}).")
         network = load_network(weights)
         print(f"Exporting ONNX to {args.onnx} ...")
         export.export_onnx(weights, args.onnx)
@@ -94,12 +112,6 @@ def main(argv=None) -> int:
         print(f"Export check on {check.source}: max |diff| {check.max_abs_diff:.3g}, "
               f"argmax agreement {check.argmax_agreement:.6f}")
         study = None if args.skip_shape_study else shape_study(weights, args.threads, args.onnx)
-        if study and study["dynamic_s"] < 0.95 * study["static_s"]:
-            print("Dynamic spatial axes measured faster: exporting with dynamic axes.")
-            export.export_onnx(weights, args.onnx, dynamic_spatial=True)
-            check = export.verify_export(weights, args.onnx, args.threads)
-        if study:
-            study["chosen"] = "dynamic" if study["dynamic_s"] < 0.95 * study["static_s"] else "static"
     except WeightsError as exc:
         args.onnx.unlink(missing_ok=True)
         print(f"error: {exc}", file=sys.stderr)

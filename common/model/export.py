@@ -1,6 +1,7 @@
 """ONNX export of the Dataset297 network and its verification against torch on a real CT patch."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from common.core import paths
-from common.model.weights import PATCH_SIZE, ModelInfo, Weights, WeightsError, load_network, sha256_file
+from common.model.weights import (PATCH_SIZE, PROXY_MARKER, ModelInfo, Weights, WeightsError, load_network,
+                                  sha256_file)
 from common.pipeline import preprocess
 
 ARGMAX_AGREEMENT_MIN = 0.999
@@ -114,6 +116,18 @@ def time_patch(onnx_path: Path, threads: int, shape: tuple[int, ...] = PATCH_SIZ
     return float(np.median(times))
 
 
+def weights_note(weights: Weights) -> str:
+    """What a report adds after the kind: the stand-in's caveat, or what the proxy was trained on."""
+    if weights.is_stand_in:
+        return "stand-in weights: not clinically meaningful"
+    if weights.kind == "proxy":
+        try:
+            return json.loads((weights.model_dir / PROXY_MARKER).read_text()).get("trained_on", "")
+        except (OSError, ValueError):
+            return ""
+    return ""
+
+
 def save_model_info(weights: Weights, onnx_path: Path, parameters: int, threads: int) -> ModelInfo:
     """models/model_info.json: what every report states in its first lines."""
     from common.core.env import package_versions
@@ -124,6 +138,6 @@ def save_model_info(weights: Weights, onnx_path: Path, parameters: int, threads:
         architecture={"network": "PlainConvUNet", "features": [32, 64, 128, 256, 320], "patch_zyx": list(PATCH_SIZE),
                       "classes": 118, "opset": ONNX_OPSET, "parameters": parameters, "threads": threads},
         versions=package_versions(),
-        warning="stand-in weights: not clinically meaningful" if weights.is_stand_in else "")
+        warning=weights_note(weights))
     info.save()
     return info

@@ -1,8 +1,12 @@
-"""The model: real Dataset297 weights through TotalSegmentator's downloader, or a seeded stand-in.
+"""The model weights, three kinds: real, proxy, stand-in.
 
-A stand-in has exactly the layout, plans and architecture of the real `--fast` model
-(nnU-Net Dataset297, 3d_fullres, fold 0) with nnU-Net's He init from a fixed seed. It lets
-every implementation run offline; it says nothing about clinical accuracy.
+- real: Dataset297 through TotalSegmentator's downloader, or imported from the official zip (`weights_zip`).
+- proxy: the same architecture trained here on labelled CTs (`tools/train_proxy.py`, committed under
+  models/proxy/): trained-like logit margins, so offline accuracy verdicts mean something.
+- stand-in: nnU-Net's He init from a fixed seed: plumbing and speed only, every voxel near a tie.
+
+Proxy and stand-in folders have exactly the layout, plans and architecture of the real `--fast` model
+(nnU-Net Dataset297, 3d_fullres, fold 0), so TotalSegmentator itself runs on them unchanged.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.core import paths
+from common.model import proxy
 
 TASK_ID = 297
 DATASET_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
@@ -22,6 +27,8 @@ TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
 MODEL_FOLDER = f"{TRAINER}__nnUNetPlans__3d_fullres"
 CHECKPOINT = "fold_0/checkpoint_final.pth"
 STAND_IN_MARKER = "TSBENCH_STAND_IN.json"
+PROXY_MARKER = "TSBENCH_PROXY.json"
+KINDS = ("real", "proxy", "stand-in")
 STAND_IN_SEED = 297
 # Where TotalSegmentator downloads Dataset297 from; the override only changes the reachability probe (tests).
 WEIGHTS_URL = os.environ.get(
@@ -39,6 +46,8 @@ STRIDES = [1, 2, 2, 2, 2]
 
 STAND_IN_WARNING = ("STAND-IN WEIGHTS: seeded random weights with the real architecture. "
                     "Speed and implementation parity only; labels are NOT clinically meaningful.")
+PROXY_WARNING = ("PROXY WEIGHTS: the real architecture trained offline on this project's labelled CTs, not "
+                 "TotalSegmentator's release. Speed, parity and drift are meaningful; accuracy is the proxy's own.")
 
 
 class WeightsError(RuntimeError):
@@ -47,7 +56,7 @@ class WeightsError(RuntimeError):
 
 @dataclass
 class Weights:
-    kind: str  # "real" or "stand-in"
+    kind: str  # "real", "proxy" or "stand-in"
     model_dir: Path  # the nnU-Net training output folder (plans.json, dataset.json, fold_0/)
     checkpoint: Path
     sha256: str
@@ -186,39 +195,70 @@ def build_network(plans: dict | None = None, dataset: dict | None = None):
                                                     enable_deep_supervision=False)
 
 
-def write_stand_in(home: Path | None = None, seed: int = STAND_IN_SEED) -> Weights:
-    """Write the complete Dataset297 folder with seeded He-initialised weights (atomic: all or nothing)."""
+def _write_model_folder(home: Path | None, kind: str, state_dict: dict, marker: str, note: dict) -> Weights:
+    """The complete Dataset297 folder around `state_dict` (atomic: all or nothing)."""
     import torch
 
     target = model_dir(home)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".standin-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{kind}-"))
     try:
         plans, dataset = plans_json(), dataset_json()
-        torch.manual_seed(seed)
-        network = build_network(plans, dataset)
         (staging / "fold_0").mkdir()
         (staging / "plans.json").write_text(json.dumps(plans, indent=2))
         (staging / "dataset.json").write_text(json.dumps(dataset, indent=2))
         checkpoint = {
-            "network_weights": network.state_dict(),
+            "network_weights": state_dict,
             "optimizer_state": None,
             "grad_scaler_state": None,
             "current_epoch": 0,
             "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset},
             "trainer_name": TRAINER,
             "inference_allowed_mirroring_axes": None,
-            "tsbench_stand_in": {"seed": seed},
+            f"tsbench_{kind.replace('-', '_')}": note,
         }
         torch.save(checkpoint, staging / CHECKPOINT)
-        (staging / STAND_IN_MARKER).write_text(json.dumps({"seed": seed, "warning": STAND_IN_WARNING}, indent=2))
+        (staging / marker).write_text(json.dumps(note, indent=2))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Weights("stand-in", target, target / CHECKPOINT, sha256_file(target / CHECKPOINT))
+    return Weights(kind, target, target / CHECKPOINT, sha256_file(target / CHECKPOINT))
+
+
+def write_stand_in(home: Path | None = None, seed: int = STAND_IN_SEED) -> Weights:
+    """Seeded He-initialised weights with the real architecture."""
+    import torch
+
+    torch.manual_seed(seed)
+    network = build_network()
+    return _write_model_folder(home, "stand-in", network.state_dict(), STAND_IN_MARKER,
+                               {"seed": seed, "warning": STAND_IN_WARNING})
+
+
+def write_proxy(home: Path | None = None, folder: Path | None = None) -> Weights:
+    """The committed proxy (float16 on disk, float32 here) as a Dataset297 folder; sha256 checked first."""
+    try:
+        state, meta = proxy.load_state_dict(folder)
+    except proxy.ProxyError as exc:
+        raise WeightsError(str(exc)) from exc
+    return _write_model_folder(home, "proxy", state, PROXY_MARKER,
+                               {"sha256": meta["sha256"], "recipe_version": meta.get("recipe_version"),
+                                "trained_on": proxy.describe(meta), "warning": PROXY_WARNING})
+
+
+def _is_current_proxy(found: Weights | None, folder: Path | None = None) -> bool:
+    """The home's proxy folder was written from the proxy committed now (a retrained proxy replaces it)."""
+    if found is None or found.kind != "proxy":
+        return False
+    try:
+        note = json.loads((found.model_dir / PROXY_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    meta = proxy.read_meta(folder)
+    return bool(meta) and note.get("sha256") == meta.get("sha256")
 
 
 def existing_weights(home: Path | None = None) -> Weights | None:
@@ -227,7 +267,8 @@ def existing_weights(home: Path | None = None) -> Weights | None:
     checkpoint = folder / CHECKPOINT
     if not (checkpoint.is_file() and (folder / "plans.json").is_file() and (folder / "dataset.json").is_file()):
         return None
-    kind = "stand-in" if (folder / STAND_IN_MARKER).exists() else "real"
+    kind = ("stand-in" if (folder / STAND_IN_MARKER).exists()
+            else "proxy" if (folder / PROXY_MARKER).exists() else "real")
     return Weights(kind, folder, checkpoint, sha256_file(checkpoint))
 
 
@@ -240,12 +281,12 @@ def download_real(home: Path | None = None, timeout: float = 15.0) -> Weights:
     try:
         # TotalSegmentator's downloader has no timeout: probe first so a dead network fails fast.
         requests.head(WEIGHTS_URL, timeout=timeout, allow_redirects=True).raise_for_status()
-        if (folder / MODEL_FOLDER / STAND_IN_MARKER).exists():
+        if _ours(folder):
             shutil.rmtree(folder)  # the downloader only runs where the dataset folder is missing
         from totalsegmentator.libs import download_pretrained_weights
         download_pretrained_weights(TASK_ID)
     except Exception as exc:  # network, HTTP or archive error: one line for the user
-        if not (folder / MODEL_FOLDER / STAND_IN_MARKER).exists():
+        if not _ours(folder):
             shutil.rmtree(folder, ignore_errors=True)  # a partial real download
         raise WeightsError(f"could not download the real weights ({WEIGHTS_URL}): "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
@@ -255,27 +296,52 @@ def download_real(home: Path | None = None, timeout: float = 15.0) -> Weights:
     return found
 
 
+def _ours(folder: Path) -> bool:
+    return any((folder / MODEL_FOLDER / marker).exists() for marker in (STAND_IN_MARKER, PROXY_MARKER))
+
+
+def _banner(warn, lines: list[str]) -> None:
+    warn("=" * 78)
+    for line in lines:
+        warn(line)
+    warn("=" * 78)
+
+
 def ensure_weights(kind: str = "auto", home: Path | None = None, warn=print) -> Weights:
-    """Weights ready for TotalSegmentator and for export. kind: auto | real | stand-in."""
-    if kind not in ("auto", "real", "stand-in"):
-        raise WeightsError(f"unknown weights kind {kind!r} (choose auto, real or stand-in)")
+    """Weights ready for TotalSegmentator and for export.
+
+    kind: real | proxy | stand-in forces one; auto takes real (already here, else downloaded), then the
+    committed proxy, then the stand-in, with a loud banner for each fallback.
+    """
+    if kind not in ("auto", *KINDS):
+        raise WeightsError(f"unknown weights kind {kind!r} (choose auto, real, proxy or stand-in)")
     configure_totalseg_home(home)
     found = existing_weights(home)
     if kind == "stand-in":
         return found if found and found.is_stand_in else write_stand_in(home)
-    if found and not found.is_stand_in:
+    if kind == "proxy":
+        return found if _is_current_proxy(found) else write_proxy(home)
+    if found and found.kind == "real":
         return found
     try:
         return download_real(home)
     except WeightsError as exc:
         if kind == "real":
             raise
-        warn("=" * 78)
-        warn(f"WARNING: {exc}")
-        warn(f"WARNING: falling back to {STAND_IN_WARNING}")
-        warn("=" * 78)
-        found = existing_weights(home)
-        return found if found and found.is_stand_in else write_stand_in(home)
+        reason = f"WARNING: {exc}"
+    if proxy.available():
+        try:
+            weights = found if _is_current_proxy(found) else write_proxy(home)
+            _banner(warn, [reason, f"WARNING: falling back to {PROXY_WARNING}",
+                           f"WARNING: {proxy.describe(proxy.read_meta())}"])
+            return weights
+        except WeightsError as exc:
+            reason += f"\nWARNING: the committed proxy is unusable: {exc}"
+    else:
+        reason += f"\nWARNING: no proxy weights in {proxy.PROXY_DIR} (tools/train_proxy.py makes them)"
+    _banner(warn, [*reason.split("\n"), f"WARNING: falling back to {STAND_IN_WARNING}"])
+    found = existing_weights(home)
+    return found if found and found.is_stand_in else write_stand_in(home)
 
 
 def load_network(weights: Weights):
@@ -336,4 +402,11 @@ def weights_banner(info: dict | None = None) -> str:
     line = f"**Weights: {kind}** (checkpoint sha256 `{info.get('checkpoint_sha256', '')[:16]}`)"
     if kind == "stand-in":
         line += f"\n\n> **{STAND_IN_WARNING}**"
+    elif kind == "proxy":
+        line += f"\n\n> **{PROXY_WARNING}** {info.get('warning', '')}".rstrip()
     return line
+
+
+def random_weights(info: dict | None = None) -> bool:
+    """Dice vs ground truth means nothing on random weights: reports print n/a (stand-in) instead."""
+    return (info or read_model_info()).get("weights_kind") == "stand-in"

@@ -102,6 +102,13 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def _gt(value) -> str:
+    """Dice vs ground truth, or `n/a (stand-in)`: on random weights it is a meaningless number."""
+    from common.model.weights import random_weights
+
+    return "n/a (stand-in)" if random_weights() else _fmt(value, 4)
+
+
 def header_lines(title: str, frame: pd.DataFrame, environment: dict | None = None) -> list[str]:
     """Title plus the facts a reader needs before any number: weights, CPU, threads, data."""
     from common.model.weights import read_model_info, weights_banner
@@ -126,7 +133,7 @@ def key_results_table(summary: pd.DataFrame) -> list[str]:
         lines.append(
             f"| {LABELS.get(r.implementation, r.implementation)} | {r.variant or '–'} | {r.tier} | "
             f"{_fmt(r.median_s)} | {_fmt(r.p25_s)}–{_fmt(r.p75_s)} | {_fmt(r.speedup, 2, 'x')} | "
-            f"{_fmt(r.parity_agreement, 5)} / {_fmt(r.parity_dice, 4)} | {_fmt(r.dice_gt_mean, 4)} | "
+            f"{_fmt(r.parity_agreement, 5)} / {_fmt(r.parity_dice, 4)} | {_gt(r.dice_gt_mean)} | "
             f"{_fmt(r.peak_rss_mb, 0)} | {r.cases}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
     return lines
 
@@ -147,7 +154,7 @@ def per_case_table(frame: pd.DataFrame) -> list[str]:
         status = r.status if r.status == "ok" else f"error: {r.error}"
         lines.append(f"| {r.case_id} | {r.implementation} | {r.variant if isinstance(r.variant, str) else '–'} | "
                      f"{status} | {_fmt(r.wall_s)} | {_fmt(r.n_tiles, 0)} | {_fmt(r.peak_rss_mb, 0)} | "
-                     f"{_fmt(r.parity_agreement, 5)} | {_fmt(r.dice_gt_mean, 4)} |")
+                     f"{_fmt(r.parity_agreement, 5)} | {_gt(r.dice_gt_mean)} |")
     return lines
 
 
@@ -223,7 +230,7 @@ def study_table(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
         if len(cpu):
             env += f", {cpu[0]}"
         name = LABELS.get(r.implementation, r.implementation) + (f" `{r.variant}`" if r.variant else "")
-        lines.append(f"| {name} ({r.tier}) | {_fmt(r.median_s)} | {_fmt(r.parity_dice, 4)} / {_fmt(r.dice_gt_mean, 4)} | "
+        lines.append(f"| {name} ({r.tier}) | {_fmt(r.median_s)} | {_fmt(r.parity_dice, 4)} / {_gt(r.dice_gt_mean)} | "
                      f"{_fmt(r.speedup, 2, 'x')} | {env} |")
     return lines
 
