@@ -2,7 +2,6 @@
 on a held-out phantom, the training recipe, and the air-gapped zip import."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
