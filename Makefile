@@ -38,7 +38,7 @@ bench: $(STAMP) rust
 	@echo "Done: see benchmarks/SUMMARY.md"
 
 test: $(STAMP) rust
-	$(PY) -m ruff check common tests *.py
+	$(PY) -m ruff check common tests tools *.py
 	$(PY) -m pytest -q tests
 	@if command -v cargo >/dev/null && [ -f rust/Cargo.toml ]; then cd rust && cargo test --offline --release -q; fi
 

@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.core import io, metrics  # noqa: E402
+from common.core import io, metrics, paths  # noqa: E402
 from common.data import phantoms  # noqa: E402
 from common.model import proxy, weights  # noqa: E402
 from common.pipeline.run import PipelineConfig, StageTimer, segment_volume  # noqa: E402
 from common.runtime.backends import Backend  # noqa: E402
 
-SHARED = Path(os.environ.get("TSBENCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED = paths.shared_data_dir()
 HELD_OUT = phantoms.DEFAULT_SET[1:5]
 REAL = (("example_ct_sm.nii.gz", "example_seg_fast.nii.gz"), ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"))
 MIN_DICE_TOP5 = 0.80  # issue 12's acceptance: mean Dice over each held-out phantom's 5 largest organs

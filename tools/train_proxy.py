@@ -39,10 +39,10 @@ from common.data import phantoms  # noqa: E402
 from common.model import weights  # noqa: E402
 from common.model.proxy import PROXY_DIR, save_proxy  # noqa: E402
 from common.pipeline import preprocess, resample  # noqa: E402
-from common.core import io  # noqa: E402
+from common.core import io, paths  # noqa: E402
 
 RECIPE_VERSION = 1
-SHARED = Path(os.environ.get("TSBENCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED = paths.shared_data_dir()
 # The real CTs and TotalSegmentator's own `--fast` output for them (training fit: they are all we have).
 REAL_PAIRS = (("example_ct_sm.nii.gz", "example_seg_fast.nii.gz"),
               ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"))

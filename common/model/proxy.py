@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-PROXY_DIR = ROOT / "models" / "proxy"
+from common.core import paths
+
+PROXY_DIR = paths.MODELS_DIR / "proxy"
 TENSORS = "proxy_fp16.npz"
 META = "proxy.json"
 ALIASES = "__aliases__"

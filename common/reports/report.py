@@ -235,6 +235,31 @@ def study_table(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+def case_set_frames(frame: pd.DataFrame) -> list[tuple[list[str], pd.DataFrame]]:
+    """Rows grouped by the set of cases they ran successfully, each with vanilla's rows on exactly those cases
+    (where vanilla ran them all), largest group first: a table never mixes case sets."""
+    frame = frame.copy()
+    frame["variant"] = frame["variant"].fillna("")
+    ok = frame[frame.status == "ok"]
+    keys = {key: frozenset(group.case_id.astype(str)) for key, group in ok.groupby(["implementation", "variant"])}
+    for key, group in frame.groupby(["implementation", "variant"]):  # rows with errors only: their own set
+        keys.setdefault(key, frozenset(group.case_id.astype(str)))
+    by_set: dict[frozenset, list] = {}
+    for key, cases in keys.items():
+        by_set.setdefault(cases, []).append(key)
+    vanilla_cases = frozenset(ok[ok.implementation == "vanilla"].case_id.astype(str))
+    out = []
+    for cases, members in sorted(by_set.items(), key=lambda kv: (-len(kv[1]), sorted(kv[0]))):
+        wanted = set(members)
+        if cases <= vanilla_cases:
+            wanted |= {k for k in keys if k[0] == "vanilla"}
+        pick = frame[[(i, v) in wanted for i, v in zip(frame.implementation, frame.variant)]]
+        pick = pick[pick.case_id.astype(str).isin(cases)]
+        if not pick.empty:
+            out.append((sorted(cases), pick))
+    return out
+
+
 def write_summary(out_dir: Path = paths.BENCHMARKS_DIR, environment: dict | None = None) -> Path:
     """benchmarks/SUMMARY.md from every *_results.csv present (and 06's recommendation, where written)."""
     frame = read_all_results(out_dir)
@@ -248,14 +273,20 @@ def write_summary(out_dir: Path = paths.BENCHMARKS_DIR, environment: dict | None
     if summary.empty:
         text.append("No results yet: run the numbered scripts (README).")
     else:
-        text += ["## Key Results", ""] + key_results_table(summary) + \
-            ["", "Speedup = median over cases of (vanilla wall / this wall), both measured in the same run setup. "
-             "Parity = fraction of voxels with vanilla's label, and mean per-class Dice vs vanilla. "
-             "Exact tier = same math as vanilla (float rounding only); approximate tier changes the math.", "",
-             "## Stage breakdown (median seconds)", ""] + stage_table(summary) + best_variant_lines(summary) + \
-            ["", "## Key Results (the original study's shape)", "", *study_table(summary, frame), "",
-             "Every row was measured by this checkout's scripts and read from benchmarks/*_results.csv. "
-             "Mean Dice vs vanilla = per-class Dice against vanilla's labels on the same case."]
+        text += ["## Key Results", "",
+                 "Rows are compared only on the same cases: one table per case set (the cases each row ran "
+                 "successfully), vanilla's row restricted to those cases. Speedup = median over cases of "
+                 "(vanilla wall / this wall), measured in the same run setup. Parity = fraction of voxels with "
+                 "vanilla's label, and mean per-class Dice vs vanilla. Exact tier = same math as vanilla (float "
+                 "rounding only); approximate tier changes the math.", ""]
+        for cases, sub in case_set_frames(frame):
+            part = summarize(sub)
+            text += [f"### Cases: {', '.join(cases)}", "", *key_results_table(part), "",
+                     "Stage breakdown (median seconds):", "", *stage_table(part), "",
+                     "The original study's table shape:", "", *study_table(part, sub), ""]
+        text += best_variant_lines(summary)
+        text += ["", "Every row was measured by this checkout's scripts and read from benchmarks/*_results.csv. "
+                 "Mean Dice vs vanilla = per-class Dice against vanilla's labels on the same case."]
     recommendation = Path(out_dir) / PRODUCTION_RECOMMENDATION
     if recommendation.is_file():
         text += ["", recommendation.read_text().rstrip()]
