@@ -28,14 +28,12 @@ def list_variants() -> str:
 
 def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseline: bool,
                  calibrate: bool = True) -> tuple[list, list[str]]:
-    from common.core import paths
     from common.harness.vanilla import vanilla_runner
-    from common.model.weights import read_model_info
+    from common.model.onnx_meta import check_current_model
     from common.runtime import backends
     from common.variants.table import get_variant, make_pipeline_runner
 
-    info = read_model_info()
-    backends.check_onnx_matches(paths.ONNX_MODEL, info.get("checkpoint_sha256"))
+    check_current_model()
     runners, notes = [], ["- Each variant runs in its own worker process, started and warmed up (one untimed inference) "
                           "before each timed run and stopped after it: its peak memory is that process tree's alone."]
     if with_vanilla:

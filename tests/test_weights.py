@@ -95,7 +95,7 @@ def test_mismatched_checkpoint_is_a_clear_error(stand_in, tmp_path):
 
 
 def test_onnx_from_another_checkpoint_is_refused(onnx_model):
-    from common.runtime.backends import check_onnx_matches
+    from common.model.onnx_meta import check_onnx_matches
 
     check_onnx_matches(onnx_model, weights.existing_weights().sha256)  # the right one passes
     with pytest.raises(WeightsError, match="not the current one"):
