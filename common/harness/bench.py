@@ -40,6 +40,15 @@ class Runner:
         return out_dir / "outputs" / self.implementation / self.variant / f"{case_id}.nii.gz"
 
 
+def failed_runner(implementation: str, variant: str, tier: str, reason: str) -> Runner:
+    """A runner that could not be built (its worker failed to start): each of its runs is an error row with
+    `reason`, so the other runners still run and the exit code says one failed."""
+    def run(input_path: Path, output_path: Path | None) -> dict:
+        raise RuntimeError(reason)
+
+    return Runner(implementation, variant, tier, run)
+
+
 def vanilla_output(out_dir: Path, case_id: str) -> Path:
     return out_dir / "outputs" / "vanilla" / f"{case_id}.nii.gz"
 
