@@ -11,6 +11,7 @@ from common.harness.bench import RESULT_COLUMNS
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline.run import STAGES
 from common.reports import report
+from common.variants.selection import PARITY_MIN
 
 FEATURES = (32, 64, 128, 256, 320)
 PLOT = "optimized_pareto.png"
@@ -144,16 +145,12 @@ def stage_lines(summary: pd.DataFrame) -> list[str]:
                         "over the wall time."]
 
 
-def best_lines(summary: pd.DataFrame) -> list[str]:
-    opt = summary[(summary.implementation == "onnx_optimized") & summary.median_s.notna()]
+def best_lines(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
+    """The best variant per tier, picked by common/variants/selection.py's rule (as SUMMARY.md and 06 pick)."""
+    from common.variants.selection import best_summary_rows
+
     lines = []
-    for tier in ("exact", "approximate"):
-        rows = opt[opt.tier == tier]
-        if tier == "exact":
-            rows = rows[rows.parity_agreement.fillna(0) >= 0.997]
-        if rows.empty:
-            continue
-        r = rows.sort_values("median_s").iloc[0]
+    for tier, r in best_summary_rows(frame, summary):
         lines.append(f"- Best {tier}: `{r.variant}` {_f(r.median_s)} s, {_f(r.speedup, 2, 'x')} vs vanilla, "
                      f"{_f(r.speedup_vs_baseline, 2, 'x')} vs onnx_baseline, agreement {_f(r.parity_agreement, 5)}, "
                      f"parity Dice {_f(r.parity_dice, 4)}, non-network {_f(100 * r.non_network_share, 0, '%')} of "
@@ -192,7 +189,7 @@ def pareto_plot(summary: pd.DataFrame, path: Path) -> Path | None:
         ax.step(*zip(*front), where="post", color="tab:green", lw=1.5, label="Pareto front", zorder=2)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.axhline(1 - 0.997, color="tab:red", ls="--", lw=1, label="exact-tier bound (agreement 0.997)")
+    ax.axhline(1 - PARITY_MIN, color="tab:red", ls="--", lw=1, label=f"exact-tier bound (agreement {PARITY_MIN})")
     ax.set_xlabel("median end-to-end latency (s, log scale)")
     ax.set_ylabel("1 - voxel agreement with vanilla (log scale; lower is better)")
     ax.set_title("Latency vs parity (stand-in weights: drift only)" if _stand_in() else "Latency vs parity")
@@ -226,7 +223,7 @@ def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peak: floa
         environment["measured_peak_gflops_fp32"] = f"{peak:.1f}"
     plot = pareto_plot(summary, out_dir / PLOT)
     text = report.header_lines("05 Optimized Python pipeline: variants, exact and approximate", frame, environment)
-    text += ["## Best variants", ""] + (best_lines(summary) or ["No optimized variant finished."]) + \
+    text += ["## Best variants", ""] + (best_lines(summary, frame) or ["No optimized variant finished."]) + \
         ["", "## Results", ""] + table_lines(summary)
     if plot:
         text += ["", f"![latency vs parity]({plot.name})", ""]

@@ -161,18 +161,11 @@ def write_script_report(path: Path, title: str, frame: pd.DataFrame, environment
     return write_text_atomic(path, "\n".join(text) + "\n")
 
 
-def best_variant_lines(summary: pd.DataFrame, exact_min_agreement: float = 0.997) -> list[str]:
-    """SUMMARY's pick of the fastest optimized variant per tier (exact: only rows keeping parity)."""
-    if summary.empty or "implementation" not in summary:
-        return []
-    opt = summary[(summary.implementation == "onnx_optimized") & summary.median_s.notna()]
-    picks = []
-    for tier in ("exact", "approximate"):
-        rows = opt[opt.tier == tier]
-        if tier == "exact":
-            rows = rows[rows.parity_agreement.fillna(0) >= exact_min_agreement]
-        if not rows.empty:
-            picks.append((tier, rows.sort_values("median_s").iloc[0]))
+def best_variant_lines(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
+    """SUMMARY's best optimized variant per tier, picked by common/variants/selection.py's rule."""
+    from common.variants.selection import PARITY_MIN, best_summary_rows
+
+    picks = best_summary_rows(frame, summary)
     if not picks:
         return []
     lines = ["", "## Best optimized variants (05)", "",
@@ -181,7 +174,7 @@ def best_variant_lines(summary: pd.DataFrame, exact_min_agreement: float = 0.997
     for tier, r in picks:
         lines.append(f"| {tier} | {r.variant} | {_fmt(r.median_s)} | {_fmt(r.speedup, 2, 'x')} | "
                      f"{_fmt(r.parity_agreement, 5)} / {_fmt(r.parity_dice, 4)} | {_fmt(r.peak_rss_mb, 0)} |")
-    lines += ["", f"Exact-tier pick: the fastest exact variant with agreement >= {exact_min_agreement}. "
+    lines += ["", f"Exact-tier pick: the fastest exact variant with a measured agreement >= {PARITY_MIN}. "
               "Approximate rows change the math: with stand-in weights their parity is drift only "
               "(details: optimized_report.md)."]
     return lines
@@ -245,7 +238,7 @@ def write_summary(out_dir: Path = paths.BENCHMARKS_DIR, environment: dict | None
             ["", "Speedup = median over cases of (vanilla wall / this wall), both measured in the same run setup. "
              "Parity = fraction of voxels with vanilla's label, and mean per-class Dice vs vanilla. "
              "Exact tier = same math as vanilla (float rounding only); approximate tier changes the math.", "",
-             "## Stage breakdown (median seconds)", ""] + stage_table(summary) + best_variant_lines(summary) + \
+             "## Stage breakdown (median seconds)", ""] + stage_table(summary) + best_variant_lines(summary, frame) + \
             ["", "## Key Results (the original study's shape)", "", *study_table(summary, frame), "",
              "Every row was measured by this checkout's scripts and read from benchmarks/*_results.csv. "
              "Mean Dice vs vanilla = per-class Dice against vanilla's labels on the same case."]
