@@ -30,7 +30,8 @@ def list_variants() -> str:
 
 def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseline: bool,
                  calibrate: bool = True) -> tuple[list, list[str]]:
-    from common.harness.bench import failed_runner, one_line
+    from common.core.formatting import one_line
+    from common.harness.bench import failed_runner
     from common.harness.vanilla import vanilla_runner
     from common.model.onnx_meta import check_current_model
     from common.runtime import backends

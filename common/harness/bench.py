@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from common.core import metrics, paths
+from common.core.formatting import one_line
 from common.core.memory import PeakMemory
 from common.pipeline.run import STAGES
 
@@ -75,11 +76,6 @@ def score(case, output: Path, out_dir: Path, is_reference: bool) -> dict:
             row["dice_gt_mean"] = float(np.mean(list(per_class.values())))
             row["dice_gt_spleen"] = per_class.get(SPLEEN)
     return row
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def run_benchmark(runners: list[Runner], cases: list, *, repeats: int = 1, warmup: int = 0, threads: int,

@@ -105,12 +105,12 @@ def _serve(conn, variant_payload: bytes, threads: int) -> None:
         variant = pickle.loads(variant_payload)
         backend = make_backend(variant.backend, threads, **variant.backend_options)
     except Exception as exc:
-        from common.harness.bench import one_line
+        from common.core.formatting import one_line
 
         kind = _error_kind(exc)
         conn.send(("failed", kind, str(exc) if kind != "RuntimeError" else one_line(exc)))
         return
-    from common.harness.bench import one_line
+    from common.core.formatting import one_line
     from common.pipeline.run import segment_file
 
     _warm_up(backend)

@@ -22,9 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from common.core.env import THREAD_ENV
+from common.core.formatting import one_line
 from common.production.topology import format_cpu_list
 
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_ENV_VARS = THREAD_ENV  # the one list (common/core/env.py); the name stays for callers
 
 _SPAWN = multiprocessing.get_context("spawn")
 _ENV_LOCK = threading.Lock()
@@ -159,12 +161,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    reason = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-    return reason if len(reason) <= 300 else reason[:297] + "..."
-
-
 def _describe_exit(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         return f"killed by signal {-exitcode}"
@@ -177,12 +173,12 @@ def _run_pinned_child(cpus: list[int], payload: bytes, conn: multiprocessing.con
         fn, args, kwargs = pickle.loads(payload)
         result = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
-        conn.send(("error", type(exc).__name__, _one_line(exc), traceback.format_exc()))
+        conn.send(("error", type(exc).__name__, one_line(exc), traceback.format_exc()))
         return
     try:
         conn.send(("ok", result))
     except Exception as exc:  # the result could not be pickled
-        conn.send(("error", type(exc).__name__, f"result not picklable: {_one_line(exc)}", traceback.format_exc()))
+        conn.send(("error", type(exc).__name__, f"result not picklable: {one_line(exc)}", traceback.format_exc()))
 
 
 def _pickle_call(fn: Callable, *parts: Any) -> bytes:
@@ -190,14 +186,14 @@ def _pickle_call(fn: Callable, *parts: Any) -> bytes:
         return pickle.dumps((fn, *parts))
     except Exception as exc:
         name = getattr(fn, "__qualname__", repr(fn))
-        raise TypeError(f"cannot send {name} and its arguments to a child process ({_one_line(exc)}); "
+        raise TypeError(f"cannot send {name} and its arguments to a child process ({one_line(exc)}); "
                         "use a module-level function and picklable arguments") from exc
 
 
 def run_pinned(cpus: Sequence[int], fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` in a spawned child pinned to ``cpus`` and return its result.
 
-    The child has OMP/OPENBLAS/MKL_NUM_THREADS = len(cpus). An exception in the child (or its death)
+    The child has each of THREAD_ENV_VARS = len(cpus). An exception in the child (or its death)
     raises :class:`PinnedChildError` here, with the child's traceback attached.
     """
     wanted = _validate_cpus(cpus)
@@ -231,7 +227,7 @@ def _queue_worker(cpus: list[int], fn_payload: bytes, conn: multiprocessing.conn
         _pin_self(cpus)
         (fn,) = pickle.loads(fn_payload)
     except BaseException as exc:  # noqa: BLE001
-        conn.send(("fatal", _one_line(exc)))
+        conn.send(("fatal", one_line(exc)))
         return
     while True:
         try:
@@ -247,12 +243,12 @@ def _queue_worker(cpus: list[int], fn_payload: bytes, conn: multiprocessing.conn
             value = fn(item)
             end = time.time()
         except Exception as exc:
-            conn.send(("result", index, "error", None, _one_line(exc), start, time.time(), _peak_rss_mb()))
+            conn.send(("result", index, "error", None, one_line(exc), start, time.time(), _peak_rss_mb()))
             continue
         try:
             conn.send(("result", index, "ok", value, None, start, end, _peak_rss_mb()))
         except Exception as exc:  # the value could not be pickled
-            conn.send(("result", index, "error", None, f"result not picklable: {_one_line(exc)}",
+            conn.send(("result", index, "error", None, f"result not picklable: {one_line(exc)}",
                        start, end, _peak_rss_mb()))
 
 
@@ -282,7 +278,7 @@ def run_queue(worker_cpusets: Sequence[Sequence[int]], fn: Callable, items: Sequ
             try:
                 data = pickle.dumps((index, items[index]))
             except Exception as exc:
-                results[index] = ItemResult(index, "error", error=f"item not picklable: {_one_line(exc)}")
+                results[index] = ItemResult(index, "error", error=f"item not picklable: {one_line(exc)}")
                 continue
             try:
                 conns[w].send_bytes(data)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.core.formatting import number
 from common.harness.bench import RESULT_COLUMNS
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline.run import STAGES
@@ -113,19 +114,15 @@ def variant_table(frame: pd.DataFrame, peak: float | None) -> pd.DataFrame:
     return summary
 
 
-def _f(value, digits=2, suffix=""):
-    return report._fmt(value, digits, suffix)
-
-
 def table_lines(summary: pd.DataFrame) -> list[str]:
     lines = ["| Implementation | Variant | Tier | Median latency (s) | Spread (s) | Speedup vs vanilla | "
              "Speedup vs onnx_baseline | Parity agreement | Parity Dice | Dice vs GT | Peak RSS (MB) | Runs |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary.itertuples():
-        lines.append(f"| {r.implementation} | {r.variant or '–'} | {r.tier} | {_f(r.median_s)} | "
-                     f"{_f(r.p25_s)}–{_f(r.p75_s)} | {_f(r.speedup, 2, 'x')} | {_f(r.speedup_vs_baseline, 2, 'x')} | "
-                     f"{_f(r.parity_agreement, 5)} | {_f(r.parity_dice, 4)} | {_f(r.dice_gt_mean, 4)} | "
-                     f"{_f(r.peak_rss_mb, 0)} | {r.runs}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
+        lines.append(f"| {r.implementation} | {r.variant or '–'} | {r.tier} | {number(r.median_s)} | "
+                     f"{number(r.p25_s)}–{number(r.p75_s)} | {number(r.speedup, 2, 'x')} | {number(r.speedup_vs_baseline, 2, 'x')} | "
+                     f"{number(r.parity_agreement, 5)} | {number(r.parity_dice, 4)} | {number(r.dice_gt_mean, 4)} | "
+                     f"{number(r.peak_rss_mb, 0)} | {r.runs}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
     return lines
 
 
@@ -135,9 +132,9 @@ def stage_lines(summary: pd.DataFrame) -> list[str]:
              "| --- | --- |" + " ---: |" * (len(STAGES) + 5)]
     for r in summary.itertuples():
         lines.append(f"| {r.implementation} | {r.variant or '–'} | " +
-                     " | ".join(_f(getattr(r, s)) for s in STAGES) + f" | {_f(r.network_s)}" +
-                     f" | {_f(100 * r.non_network_share, 0, '%')} | {_f(r.n_tiles, 1)} | {_f(r.network_gflops, 0)} | "
-                     f"{_f(100 * r.efficiency, 0, '%')} |")
+                     " | ".join(number(getattr(r, s)) for s in STAGES) + f" | {number(r.network_s)}" +
+                     f" | {number(100 * r.non_network_share, 0, '%')} | {number(r.n_tiles, 1)} | {number(r.network_gflops, 0)} | "
+                     f"{number(100 * r.efficiency, 0, '%')} |")
     return lines + ["", "Vanilla's stages are TotalSegmentator's internal phases as `common/harness/vanilla.py` records them; "
                         "its network figures include nnU-Net's own overheads. "
                         "\"of which network\" is the time inside the runtime's calls alone (the inference stage also "
@@ -151,10 +148,10 @@ def best_lines(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
 
     lines = []
     for tier, r in best_summary_rows(frame, summary):
-        lines.append(f"- Best {tier}: `{r.variant}` {_f(r.median_s)} s, {_f(r.speedup, 2, 'x')} vs vanilla, "
-                     f"{_f(r.speedup_vs_baseline, 2, 'x')} vs onnx_baseline, agreement {_f(r.parity_agreement, 5)}, "
-                     f"parity Dice {_f(r.parity_dice, 4)}, non-network {_f(100 * r.non_network_share, 0, '%')} of "
-                     f"its wall, peak RSS {_f(r.peak_rss_mb, 0)} MB.")
+        lines.append(f"- Best {tier}: `{r.variant}` {number(r.median_s)} s, {number(r.speedup, 2, 'x')} vs vanilla, "
+                     f"{number(r.speedup_vs_baseline, 2, 'x')} vs onnx_baseline, agreement {number(r.parity_agreement, 5)}, "
+                     f"parity Dice {number(r.parity_dice, 4)}, non-network {number(100 * r.non_network_share, 0, '%')} of "
+                     f"its wall, peak RSS {number(r.peak_rss_mb, 0)} MB.")
     return lines
 
 
