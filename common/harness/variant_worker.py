@@ -104,6 +104,7 @@ def _serve(conn, variant_payload: bytes, threads: int) -> None:
 
         variant = pickle.loads(variant_payload)
         backend = make_backend(variant.backend, threads, **variant.backend_options)
+        config = variant.config_for(threads)
     except Exception as exc:
         from common.core.formatting import one_line
 
@@ -130,7 +131,7 @@ def _serve(conn, variant_payload: bytes, threads: int) -> None:
             input_path, output_path = job
             try:
                 result = segment_file(Path(input_path), None if output_path is None else Path(output_path),
-                                      backend, variant.config)
+                                      backend, config)
                 reply = ("ok", {**result.timings, "n_tiles": result.n_tiles})
             except Exception as exc:
                 reply = ("error", one_line(exc))
