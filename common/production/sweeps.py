@@ -71,9 +71,9 @@ def smallest_cases(cases: list, n: int) -> list:
 # ----------------------------------------------------------------------------- work done in pinned children
 
 def _peak_rss_mb() -> float:
-    from common.production.pinning import _peak_rss_mb as peak
+    from common.harness.workers import peak_rss_mb
 
-    return peak()
+    return peak_rss_mb()
 
 
 def latency_point(variant_name: str, threads: int, cases: list[tuple[str, str, str]], repeats: int,
