@@ -135,3 +135,18 @@ def test_export_of_a_truncated_checkpoint_leaves_nothing(stand_in, tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "unreadable" in result.stderr
     assert not onnx.exists() and not any(onnx.parent.glob("*")) if onnx.parent.exists() else True
+
+
+@pytest.mark.parametrize("backend,options", [("onnxruntime", {}), ("onnxruntime", {"model": "int8"}),
+                                             ("openvino", {"precision": "f32"}),
+                                             ("openvino", {"model": "precise_norm", "whole_volume": True})])
+def test_every_backend_refuses_a_stale_model(backend, options, onnx_model, threads, monkeypatch):
+    """One stale-model rule (onnx_meta.check_current_model) inside every backend's model resolution: a model
+    exported from another checkpoint than model_info.json names is refused, OpenVINO in segment mode included."""
+    from common.runtime.backends import make_backend
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    monkeypatch.setattr(weights, "read_model_info", lambda *a, **k: {"checkpoint_sha256": "0" * 64})
+    with pytest.raises(WeightsError, match="not the current one 0000000000000000: rerun 02"):
+        make_backend(backend, threads, **options)
