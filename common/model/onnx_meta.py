@@ -6,8 +6,9 @@ One shape rule: 02 exports the network for the tile every sliding-window run fee
 it with `require_patch_model` and refuses anything else with one line: rerun 02. Whole-volume models
 are made from it by the runtime (OpenVINO reshape), never exported separately.
 
-One stale-model rule: the model the backends load (paths.ONNX_MODEL, and the INT8 / precise-norm copies
-made from it) must come from the checkpoint models/model_info.json names (`check_current_model`).
+One stale-model rule: the model the backends and the Rust runner load (paths.ONNX_MODEL, and the INT8 /
+precise-norm copies made from it) must come from the checkpoint models/model_info.json names, and be the
+static patch model (`check_current_model`).
 """
 from __future__ import annotations
 
@@ -53,21 +54,28 @@ def require_patch_model(model, where: str = "", static_only: bool = False) -> No
                            f"model {PATCH_INPUT} -> {PATCH_OUTPUT}: rerun `python 02_export_model.py`")
 
 
-def check_onnx_matches(model_path: Path, checkpoint_sha256: str | None) -> None:
-    """An ONNX file exported from another checkpoint is refused (stale models/ after new weights)."""
+def check_onnx_matches(model_path: Path, checkpoint_sha256: str | None, model=None) -> None:
+    """An ONNX file exported from another checkpoint is refused (stale models/ after new weights).
+    `model`: the file already loaded (one parse, not two)."""
     if not Path(model_path).is_file():
         raise WeightsError(f"{model_path} is missing: run `python 02_export_model.py` first")
     if checkpoint_sha256:
-        found = onnx_checkpoint_sha(model_path)
+        model = model if model is not None else _load(Path(model_path))
+        found = {p.key: p.value for p in model.metadata_props}.get("checkpoint_sha256", "")
         if found != checkpoint_sha256:
             raise WeightsError(f"{model_path} was exported from checkpoint {found[:16] or '?'}, "
                                f"not the current one {checkpoint_sha256[:16]}: rerun 02_export_model.py")
 
 
 def check_current_model(model_path: Path = paths.ONNX_MODEL) -> Path:
-    """The stale-model check every script and backend uses: `model_path` (default: the model the backends
-    load) exists and comes from the checkpoint model_info.json names."""
+    """The stale-model check every script and backend uses (Rust's row through 04 too): `model_path`
+    (default: the model the backends load) exists, comes from the checkpoint model_info.json names, and is
+    the static patch model."""
     from common.model.weights import read_model_info
 
-    check_onnx_matches(model_path, read_model_info().get("checkpoint_sha256"))
+    if not Path(model_path).is_file():
+        raise WeightsError(f"{model_path} is missing: run `python 02_export_model.py` first")
+    model = _load(Path(model_path))
+    check_onnx_matches(model_path, read_model_info().get("checkpoint_sha256"), model)
+    require_patch_model(model, str(model_path))
     return Path(model_path)
