@@ -9,8 +9,9 @@ The rewrite is the same math, float rounding only: mean = mean over W (<= 128 va
 H by a MatMul with a 1/H column (a second Reduce would be merged back into one long sum by OpenVINO),
 then over D; the same for the centred squares. Result on one example_ct tile, OpenVINO fp32 vs torch:
 mean |logit diff| 1.0e-3 -> 4.4e-6, argmax agreement 0.99779 -> 0.999993, with no measurable slowdown.
-Needs static shapes: the static patch model 02 exports (common/model/onnx_meta.py); the rewritten model is cached next to the source, keyed by the
-checkpoint hash the export wrote into its metadata and by the rewrite's version.
+Needs static shapes: the static patch model 02 exports (common/model/onnx_meta.py). The rewritten model
+is cached next to the source, keyed by the checkpoint hash the export wrote into its metadata and by the
+rewrite's version.
 """
 from __future__ import annotations
 
