@@ -17,15 +17,13 @@ IMPLEMENTATIONS = ("onnx", "torch", "rust")
 
 
 def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
-    from common.core import paths
-    from common.model.weights import read_model_info
-    from common.runtime import backends
+    from common.model.onnx_meta import check_current_model
     from common.variants.table import Variant, get_variant, make_pipeline_runner
 
     runners, notes = [], []
-    info = read_model_info()
+    if "onnx" in impls or "rust" in impls:  # both load models/totalseg_fast.onnx
+        check_current_model()
     if "onnx" in impls:
-        backends.check_onnx_matches(paths.ONNX_MODEL, info.get("checkpoint_sha256"))
         runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads))
     if "torch" in impls:
         twin = Variant("torch_network", "exact", "torch", "the same pipeline, network run by torch")

@@ -6,7 +6,9 @@ A variant is a named configuration in common/variants/table.py (runtime + option
 the `onnx_baseline` row). `--with-vanilla` / `--with-baseline` interleave TotalSegmentator itself and the
 default ONNX Runtime pipeline in the same run, so every speedup is a ratio measured in one run. Each
 variant runs in a worker process of its own (started before each timed run, stopped after it), so its
-peak memory is its own and a case that exhausts memory costs one error row.
+peak memory is its own and a case that exhausts memory costs one error row. A variant whose runtime is
+missing here is skipped with its reason; one whose worker fails to start (a corrupt model) costs an error
+row per run, the others still run, and the exit code is 1.
 Writes OUT/onnx_optimized_results.csv, OUT/optimized_report.md, OUT/optimized_pareto.png, OUT/SUMMARY.md.
 """
 from __future__ import annotations
@@ -28,14 +30,14 @@ def list_variants() -> str:
 
 def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseline: bool,
                  calibrate: bool = True) -> tuple[list, list[str]]:
-    from common.core import paths
+    from common.core.formatting import one_line
+    from common.harness.bench import failed_runner
     from common.harness.vanilla import vanilla_runner
-    from common.model.weights import read_model_info
+    from common.model.onnx_meta import check_current_model
     from common.runtime import backends
     from common.variants.table import get_variant, make_pipeline_runner
 
-    info = read_model_info()
-    backends.check_onnx_matches(paths.ONNX_MODEL, info.get("checkpoint_sha256"))
+    check_current_model()
     runners, notes = [], ["- Each variant runs in its own worker process, started and warmed up (one untimed inference) "
                           "before each timed run and stopped after it: its peak memory is that process tree's alone."]
     if with_vanilla:
@@ -52,10 +54,15 @@ def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseli
         variant = get_variant(name)
         try:
             runners.append(make_pipeline_runner("onnx_optimized", variant, threads, isolated=True))
-        except (backends.BackendUnavailable, ImportError, FileNotFoundError) as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        except (backends.BackendUnavailable, ImportError, FileNotFoundError) as exc:  # cannot run here: skipped
+            reason = one_line(exc)
             notes.append(f"- Variant `{name}` ({variant.tier}) skipped: {reason}")
             print(f"note: variant {name} skipped: {reason}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - should run but failed to start: error rows, exit code 1
+            reason = one_line(exc)
+            notes.append(f"- Variant `{name}` ({variant.tier}) failed to start: {reason}")
+            print(f"error: variant {name} failed to start: {reason}", file=sys.stderr)
+            runners.append(failed_runner("onnx_optimized", name, variant.tier, reason))
     return runners, notes
 
 

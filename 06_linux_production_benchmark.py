@@ -82,7 +82,7 @@ def benchmark(argv=None) -> int:
     from tqdm import tqdm
 
     from common.core.env import environment_record
-    from common.model.weights import WeightsError, read_model_info
+    from common.model.weights import WeightsError
     from common.production import sweeps
     from common.production.choice import choose_variants
     from common.production.cold_start import cold_start
@@ -90,7 +90,7 @@ def benchmark(argv=None) -> int:
     from common.production.report import plot_latency, plot_throughput, recommendation_markdown, write_report
     from common.production.topology import plan_worker_cpusets, read_topology
     from common.reports import report
-    from common.runtime import backends
+    from common.model.onnx_meta import check_current_model
     from common.variants.table import get_variant
 
     topology = read_topology()
@@ -116,10 +116,8 @@ def benchmark(argv=None) -> int:
         tiers = {name: get_variant(name).tier for name in names}
     except KeyError as exc:
         return fail(exc.args[0])
-    info = read_model_info()
     try:
-        backends.check_onnx_matches(Path(info.get("onnx_path") or backends.paths.ONNX_MODEL),
-                                    info.get("checkpoint_sha256"))
+        check_current_model()
     except WeightsError as exc:
         return fail(str(exc))
 

@@ -37,7 +37,7 @@ def stand_in():
 @pytest.fixture(scope="session")
 def onnx_model(stand_in, threads) -> Path:
     """models/totalseg_fast.onnx exported from the stand-in (reused when its checkpoint hash matches)."""
-    from common.runtime.backends import onnx_checkpoint_sha
+    from common.model.onnx_meta import onnx_checkpoint_sha
     from common.model.export import export_onnx
 
     from common.model.export import save_model_info

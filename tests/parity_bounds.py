@@ -8,8 +8,10 @@
 - ONNX with short-block InstanceNorm statistics (common/model/precise_norm.py): the runtimes' one-pass
   float32 sums were the main source of that drift; with them fixed, OpenVINO fp32 measured 0.99998.
 """
+from common.variants.selection import PARITY_MIN
+
 TWIN_MIN = 0.99999
-ORT_MIN = 0.997
+ORT_MIN = PARITY_MIN  # the exact tier's bound, the one the reports and 06 pick by
 ORT_MIN_BY_CASE = {"example_ct_sm.nii.gz": 0.99}
 
 
@@ -22,3 +24,27 @@ PRECISE_NORM_MIN = 0.9999
 
 def exact_bound(backend_options: dict, name: str) -> float:
     return PRECISE_NORM_MIN if backend_options.get("model") == "precise_norm" else ort_bound(name)
+
+
+def assert_main_labels_present(labels, reference, min_fraction: float = 0.01) -> None:
+    """Every label that makes up at least `min_fraction` of `reference`'s voxels is in `labels` too, with a voxel
+    count within a factor of 2 (and there are at least two such labels: an all-background pair fails)."""
+    import numpy as np
+
+    values, counts = np.unique(np.asarray(reference), return_counts=True)
+    main = {int(v): int(c) for v, c in zip(values, counts) if c >= min_fraction * reference.size}
+    assert len(main) >= 2, f"the reference has only {sorted(main)} as its main labels"
+    found = np.bincount(np.asarray(labels).ravel(), minlength=256)
+    off = {v: (int(found[v]), c) for v, c in main.items() if not c / 2 <= found[v] <= 2 * c}
+    assert not off, f"main labels missing or far off (label: (found, reference)): {off}"
+
+
+# Approximate variants change the math: their floor is what each measured against vanilla on the
+# lps_anisotropic phantom (stand-in weights, 2026-12-01), less 0.03-0.05. bf16 and int8 rows run only where the
+# CPU has bf16 (OpenVINO OPTIMIZATION_CAPABILITIES), otherwise they are skipped with the reason.
+APPROXIMATE_MIN = {
+    "ov_f32_fast": 0.98,  # measured 0.98956: OpenVINO's one-pass InstanceNorm sums
+    "ov_bf16_fast": 0.92, "ov_bf16_step1": 0.92, "ov_bf16_bodycrop": 0.92,  # measured 0.95637 (all three)
+    "ov_bf16_whole": 0.92,  # measured 0.95568
+    "ort_int8": 0.68, "ov_int8_fast": 0.68, "ov_int8_whole": 0.68,  # measured 0.72499, 0.72281, 0.72281
+}

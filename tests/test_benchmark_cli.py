@@ -66,3 +66,29 @@ def test_unknown_case_id_is_one_line(tmp_path, shared_data):
     result = _run("03_vanilla_benchmark.py", "--manifest", str(manifest), "--cases", "nope", "--out", str(tmp_path))
     assert result.returncode != 0 and "unknown case ids nope" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_variant_that_fails_to_start_is_an_error_row_and_the_others_run(tmp_path, shared_data, onnx_model,
+                                                                       monkeypatch, capsys):
+    """05 with a variant whose model file is corrupt: its worker fails to start; that variant costs one error
+    row per run (not the whole run), the other variant runs and is scored, and the exit code is 1."""
+    import importlib
+
+    from common.variants import table
+
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"this is not an ONNX protobuf" * 100)
+    broken = table.Variant("ort_corrupt", "exact", "onnxruntime", "test: corrupt model", {"model": str(corrupt)})
+    monkeypatch.setitem(table.VARIANTS, "ort_corrupt", broken)
+    manifest = _manifest(tmp_path, [("small", shared_data / "example_ct_sm.nii.gz")])
+    out = tmp_path / "bench"
+    script = importlib.import_module("05_optimized_python_benchmark")
+    rc = script.main(["--manifest", str(manifest), "--out", str(out), "--variants", "ort_corrupt,ort_tuned",
+                      "--no-peak", "--no-progress"])
+    assert rc == 1
+    rows = pd.read_csv(out / "onnx_optimized_results.csv").set_index("variant")
+    assert rows.loc["ort_tuned", "status"] == "ok" and rows.loc["ort_tuned", "wall_s"] > 0
+    assert rows.loc["ort_corrupt", "status"] == "error"
+    assert "failed to start" in rows.loc["ort_corrupt", "error"]
+    assert "ort_corrupt" in (out / "optimized_report.md").read_text()
+    assert "error: variant ort_corrupt failed to start" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def allocate_mb(mb):
     return len(block)
 
 
-@pytest.mark.parametrize("cpus", [AFFINITY[:1], AFFINITY[-1:], AFFINITY], ids=["first", "last", "all"])
+@pytest.mark.parametrize("cpus", [AFFINITY[:1], AFFINITY[-1:]], ids=["first", "last"])
 def test_run_pinned_child_runs_on_requested_cpus(cpus):
     env_before = {k: os.environ.get(k) for k in THREAD_ENV_VARS}
     affinity, env, _ = run_pinned(cpus, report_affinity)
@@ -64,6 +64,23 @@ def test_run_pinned_child_runs_on_requested_cpus(cpus):
     # The parent is untouched.
     assert sorted(os.sched_getaffinity(0)) == AFFINITY
     assert {k: os.environ.get(k) for k in THREAD_ENV_VARS} == env_before
+
+
+def test_run_pinned_to_all_cpus_is_pinned_not_inherited(monkeypatch):
+    """"All" (the parent's whole mask) must be set in the child, not merely inherited: the child is started
+    here from a parent narrowed to the first CPU, and must still report every requested CPU."""
+    if len(AFFINITY) < 2:
+        pytest.skip(f"needs 2 CPUs in the affinity mask, this process has {len(AFFINITY)}")
+    from common.production import pinning
+
+    monkeypatch.setattr(pinning, "_validate_cpus", lambda cpus: sorted(set(cpus)))  # the narrowed parent allows all
+    os.sched_setaffinity(0, AFFINITY[:1])
+    try:
+        affinity, env, _ = run_pinned(AFFINITY, report_affinity)
+    finally:
+        os.sched_setaffinity(0, AFFINITY)
+    assert affinity == AFFINITY
+    assert env == {k: str(len(AFFINITY)) for k in THREAD_ENV_VARS}
 
 
 def test_run_pinned_passes_args_and_kwargs():
@@ -154,7 +171,8 @@ def test_run_queue_reports_worker_peak_rss():
 def test_taskset_command():
     assert taskset_command([0, 1, 2, 5], ["python", "-m", "bench"]) == ["taskset", "-c", "0-2,5", "python", "-m", "bench"]
     assert taskset_command([3, 2], ["x"], with_thread_env=True) == [
-        "env", "OMP_NUM_THREADS=2", "OPENBLAS_NUM_THREADS=2", "MKL_NUM_THREADS=2", "taskset", "-c", "2-3", "x"]
+        "env", "OMP_NUM_THREADS=2", "OPENBLAS_NUM_THREADS=2", "MKL_NUM_THREADS=2", "nnUNet_def_n_proc=2",
+        "nnUNet_n_proc_DA=2", "taskset", "-c", "2-3", "x"]
 
 
 def test_memory_fits():

@@ -143,3 +143,51 @@ def test_ground_truth_labels_are_mapped_to_totalsegmentator_ids():
     ours[1, :2] = 1
     dice = metrics.ground_truth_dice(ours, gt, {1: 1, 6: 5})
     assert dice == {1: pytest.approx(2 * 8 / 24), 5: 1.0}
+
+
+def test_threads_setting_reaches_the_numpy_and_native_work(monkeypatch, tmp_path):
+    """`--threads 1` under a wider affinity mask: every parallel helper of the pipeline's stages (slab zoom,
+    float16 accumulation, divide + argmax, native or torch) is handed 1 thread by the variant's runner, so the
+    process keeps one CPU busy there; with no setting they get the mask's CPU count."""
+    import os
+    from dataclasses import replace
+
+    import nibabel as nib
+
+    from common.model.weights import NUM_CLASSES
+    from common.pipeline import resample, sliding_window
+    from common.runtime import backends, native_kernels
+    from common.variants.table import FAST, Variant, make_pipeline_runner
+
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2:
+        pytest.skip(f"needs an affinity mask of 2 CPUs or more, this process has {cpus}")
+    seen = []
+
+    def record(module, name, position):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append((name, args[position] if len(args) > position else kwargs["threads"]))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    record(resample, "zoom_in_slabs", 3)
+    record(sliding_window, "parallel_ranges", 1)
+    record(native_kernels, "accumulate_tile", 4)
+    record(native_kernels, "divide_argmax", 3)
+
+    def predict(tile):
+        return np.repeat(tile, NUM_CLASSES, axis=1) * np.linspace(-1, 1, NUM_CLASSES, dtype=np.float32)[None, :, None,
+                                                                                                        None, None]
+
+    monkeypatch.setattr(backends, "make_backend", lambda name, threads, **options: backends.Backend("fake", predict))
+    image = tmp_path / "ct.nii.gz"
+    data = np.random.default_rng(0).integers(-1000, 1000, (70, 60, 50)).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 2.0, 1.0])), image)
+    variant = Variant("small_tiles", "exact", "fake", "test", {}, replace(FAST, patch=(32, 32, 32)))
+    for threads in (1, cpus):
+        seen.clear()
+        make_pipeline_runner("test", variant, threads).run(image, None)
+        assert {name for name, _ in seen} >= {"zoom_in_slabs", "accumulate_tile", "divide_argmax"}, seen
+        assert {n for _, n in seen} == {threads}, seen

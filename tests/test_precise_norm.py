@@ -83,18 +83,21 @@ def test_cached_model_follows_the_checkpoint(tmp_path, monkeypatch):
     assert {p.key: p.value for p in onnx.load(str(target)).metadata_props}["precise_norm_version"] == "next"
 
 
-def test_dynamic_axes_export_runs_as_tiles(stand_in, threads, tmp_path):
-    """02 may pick a dynamic-axes export (measured faster): the tile backends and the precise-norm model
-    then fix the spatial axes to the patch instead of failing."""
+def test_dynamic_axes_export_is_refused_by_every_consumer(stand_in, threads, tmp_path):
+    """One shape rule: 02 exports the static patch model. A dynamic-axes file (an older 02) is refused by the
+    tile backends, the precise-norm rewrite and the INT8 build, each with one line naming 02."""
     from common.model.export import export_onnx
-    from common.model.weights import NUM_CLASSES, PATCH_SIZE
+    from common.model.quantize import build_int8_model
+    from common.model.weights import WeightsError
     from common.runtime.backends import make_backend
 
     dynamic = export_onnx(stand_in, tmp_path / "dynamic.onnx", dynamic_spatial=True)
-    patch = np.random.default_rng(0).standard_normal((1, 1, *PATCH_SIZE)).astype(np.float32)
-    ort_logits = make_backend("onnxruntime", threads, model_path=dynamic, tuned=True, reuse_output=True).predict(patch)
-    assert ort_logits.shape == (1, NUM_CLASSES, *PATCH_SIZE)
-    precise = ensure_precise_norm_model(dynamic, tmp_path / "precise.onnx")
+    with pytest.raises(WeightsError, match="not the static patch model.*02_export_model"):
+        make_backend("onnxruntime", threads, model=dynamic, tuned=True, reuse_output=True)
+    with pytest.raises(WeightsError, match="not the static patch model"):
+        ensure_precise_norm_model(dynamic, tmp_path / "precise.onnx")
+    with pytest.raises(WeightsError, match="not the static patch model"):
+        build_int8_model(dynamic, tmp_path / "int8.onnx", log=lambda m: None)
     if importlib.util.find_spec("openvino") is not None:
-        ov_logits = make_backend("openvino", threads, model_path=precise, precision="f32").predict(patch)
-        assert (ov_logits.argmax(1) == ort_logits.argmax(1)).mean() >= 0.999
+        with pytest.raises(WeightsError, match="not the static patch model"):
+            make_backend("openvino", threads, model=dynamic, precision="f32")

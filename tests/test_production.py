@@ -94,7 +94,7 @@ def test_recommendation_follows_the_numbers(tmp_path):
     rec = recommend(latency, throughput, pd.DataFrame(), topo, choice, env)
     assert (rec.workers, rec.threads) == (1, 2) and rec.cpusets == [[0, 1]]
     assert reproduce_lines(rec) == [
-        "env OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2 taskset -c 0-1 python "
+        "env OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2 nnUNet_def_n_proc=2 nnUNet_n_proc_DA=2 taskset -c 0-1 python "
         "06_linux_production_benchmark.py segment IN.nii.gz -o OUT_DIR --variant v --threads 2"]
     assert not any("idle" in t for t in rec.text)
 

@@ -29,7 +29,7 @@ from common.core import metrics
 from common.harness import bench
 from common.harness.rust_runner import TIMING_KEYS, RustWorker, run_rust_cases, skip_reason
 
-PARITY_MIN = 0.997
+from parity_bounds import ORT_MIN as PARITY_MIN  # noqa: E402
 
 _reason = skip_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"Rust row skipped: {_reason}")

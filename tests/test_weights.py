@@ -51,13 +51,21 @@ def test_stand_in_loads_with_nnunet_predictor(stand_in):
     assert tuple(logits.shape) == (1, 118, 32, 32, 32)
 
 
-def test_totalsegmentator_runs_offline_on_the_stand_in(shared_data, vanilla):
+def test_totalsegmentator_runs_offline_on_the_stand_in(shared_data, vanilla, onnx_model, threads):
+    """TotalSegmentator on the stand-in writes the labels our own pipeline (ONNX Runtime) finds: each label
+    covering 1% of the volume in ours is in TotalSegmentator's output, with a similar voxel count."""
+    from common.pipeline.run import PipelineConfig, segment_file
+    from common.runtime.backends import make_backend
+
+    from parity_bounds import assert_main_labels_present
+
     image = shared_data / "example_ct_sm.nii.gz"
     out = nib.load(vanilla(image))
     source = nib.load(image)
     assert out.shape == source.shape and np.allclose(out.affine, source.affine)
     assert out.get_data_dtype() == np.uint8
-    assert np.asanyarray(out.dataobj).max() <= 117
+    ours = segment_file(image, None, make_backend("onnxruntime", threads), PipelineConfig()).labels
+    assert_main_labels_present(np.asanyarray(out.dataobj), ours)
 
 
 def test_onnx_export_matches_torch_on_a_real_ct_patch(stand_in, onnx_model, threads, shared_data):
@@ -95,7 +103,7 @@ def test_mismatched_checkpoint_is_a_clear_error(stand_in, tmp_path):
 
 
 def test_onnx_from_another_checkpoint_is_refused(onnx_model):
-    from common.runtime.backends import check_onnx_matches
+    from common.model.onnx_meta import check_onnx_matches
 
     check_onnx_matches(onnx_model, weights.existing_weights().sha256)  # the right one passes
     with pytest.raises(WeightsError, match="not the current one"):
@@ -127,3 +135,18 @@ def test_export_of_a_truncated_checkpoint_leaves_nothing(stand_in, tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "unreadable" in result.stderr
     assert not onnx.exists() and not any(onnx.parent.glob("*")) if onnx.parent.exists() else True
+
+
+@pytest.mark.parametrize("backend,options", [("onnxruntime", {}), ("onnxruntime", {"model": "int8"}),
+                                             ("openvino", {"precision": "f32"}),
+                                             ("openvino", {"model": "precise_norm", "whole_volume": True})])
+def test_every_backend_refuses_a_stale_model(backend, options, onnx_model, threads, monkeypatch):
+    """One stale-model rule (onnx_meta.check_current_model) inside every backend's model resolution: a model
+    exported from another checkpoint than model_info.json names is refused, OpenVINO in segment mode included."""
+    from common.runtime.backends import make_backend
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    monkeypatch.setattr(weights, "read_model_info", lambda *a, **k: {"checkpoint_sha256": "0" * 64})
+    with pytest.raises(WeightsError, match="not the current one 0000000000000000: rerun 02"):
+        make_backend(backend, threads, **options)

@@ -8,8 +8,9 @@ from importlib import metadata
 
 from common.core import paths
 
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "nnUNet_def_n_proc",
-              "nnUNet_n_proc_DA")
+# The one list of thread-count variables: apply_threads here, pinned children (production/pinning.py) and
+# the reproduce command lines set each of them.
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "nnUNet_def_n_proc", "nnUNet_n_proc_DA")
 PACKAGES = ("numpy", "scipy", "nibabel", "torch", "onnxruntime", "openvino", "nnunetv2", "totalsegmentator")
 
 

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from common.core import metrics, paths
+from common.core.formatting import one_line
 from common.core.memory import PeakMemory
 from common.pipeline.run import STAGES
 
@@ -38,6 +39,15 @@ class Runner:
         if self.implementation == "vanilla":
             return vanilla_output(out_dir, case_id)
         return out_dir / "outputs" / self.implementation / self.variant / f"{case_id}.nii.gz"
+
+
+def failed_runner(implementation: str, variant: str, tier: str, reason: str) -> Runner:
+    """A runner that could not be built (its worker failed to start): each of its runs is an error row with
+    `reason`, so the other runners still run and the exit code says one failed."""
+    def run(input_path: Path, output_path: Path | None) -> dict:
+        raise RuntimeError(reason)
+
+    return Runner(implementation, variant, tier, run)
 
 
 def vanilla_output(out_dir: Path, case_id: str) -> Path:
@@ -66,11 +76,6 @@ def score(case, output: Path, out_dir: Path, is_reference: bool) -> dict:
             row["dice_gt_mean"] = float(np.mean(list(per_class.values())))
             row["dice_gt_spleen"] = per_class.get(SPLEEN)
     return row
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 def run_benchmark(runners: list[Runner], cases: list, *, repeats: int = 1, warmup: int = 0, threads: int,

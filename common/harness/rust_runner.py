@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 
 from common.core import paths
+from common.pipeline.run import STAGES
 
 BINARY_NAME = "totalseg-rust"
-TIMING_KEYS = ("load_s", "preprocess_s", "inference_s", "postprocess_s", "save_s", "wall_s")
+TIMING_KEYS = (*STAGES, "wall_s")
 
 
 def rust_binary() -> Path | None:

@@ -11,22 +11,21 @@ that exhausts memory kills one worker, not the benchmark.
   raises RuntimeError with one line and the worker goes on; a dead worker raises RuntimeError once and
   the next run starts a fresh one.
 
-Workers use the multiprocessing "spawn" context: the parent may already run torch/OpenMP threads,
-which a forked child would inherit in a broken state. This module imports nothing heavy at the top:
-the child imports it before its thread settings are applied.
+The worker speaks common/harness/workers.py's protocol (Ready / SetupFailed, Job -> Done / Failed, Stop),
+spawned, not forked. This module imports nothing heavy at the top: the child imports it before its thread
+settings are applied.
 """
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
-import os
 import pickle
-import signal
 from pathlib import Path
 
-_SPAWN = multiprocessing.get_context("spawn")
+from common.core.formatting import one_line
+from common.harness import workers
+
 RUNTIME_MODULES = ("onnxruntime", "openvino", "torch")  # backends named after their Python package
-POLL_S = 1.0
+SKIP_KINDS = ("BackendUnavailable", "ImportError", "FileNotFoundError")  # 05 reports these rows as skipped
 
 
 def check_runtime(backend: str) -> None:
@@ -52,31 +51,20 @@ def _startup_error(kind: str, message: str, name: str) -> Exception:
     treats it as a skip, RuntimeError otherwise."""
     from common.runtime.backends import BackendUnavailable
 
-    known = {"BackendUnavailable": BackendUnavailable, "ImportError": ImportError,
-             "FileNotFoundError": FileNotFoundError}
+    known = dict(zip(SKIP_KINDS, (BackendUnavailable, ImportError, FileNotFoundError)))
     if kind in known:
         return known[kind](message)
     return RuntimeError(f"variant worker for {name} failed to start: {message}")
 
 
-def _error_kind(exc: BaseException) -> str:
+def _classify(exc: BaseException) -> tuple[str, str]:
+    """(kind, reason) of a set-up failure: a skip kind with its whole message, else RuntimeError, one line."""
     from common.runtime.backends import BackendUnavailable
 
     for kind in (BackendUnavailable, FileNotFoundError, ImportError):
         if isinstance(exc, kind):
-            return kind.__name__
-    return "RuntimeError"
-
-
-def _exit_reason(code: int | None) -> str:
-    if code == -signal.SIGKILL:
-        return ": killed, out of memory?"
-    if code is not None and code < 0:
-        try:
-            return f": {signal.Signals(-code).name}"
-        except ValueError:
-            pass
-    return ""
+            return kind.__name__, str(exc)
+    return "RuntimeError", one_line(exc)
 
 
 def _warm_up(backend) -> None:
@@ -93,50 +81,35 @@ def _warm_up(backend) -> None:
         backend.labels_any(patch)
 
 
-def _serve(conn, variant_payload: bytes, threads: int) -> None:
-    """The worker: thread settings first (before numpy and the runtimes load), the backend, then cases."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the worker
-    try:
+class _Segmenter:
+    """The worker's job handler: (input path, output path or None) -> stage timings and n_tiles."""
+
+    def __init__(self, variant_payload: bytes, threads: int):
         from common.core.env import apply_threads
 
-        apply_threads(threads)
+        apply_threads(threads)  # before numpy and the runtimes load
         from common.runtime.backends import make_backend
 
         variant = pickle.loads(variant_payload)
-        backend = make_backend(variant.backend, threads, **variant.backend_options)
-    except Exception as exc:
-        from common.harness.bench import one_line
+        self.backend = make_backend(variant.backend, threads, **variant.backend_options)
+        self.config = variant.config_for(threads)
+        _warm_up(self.backend)
 
-        kind = _error_kind(exc)
-        conn.send(("failed", kind, str(exc) if kind != "RuntimeError" else one_line(exc)))
-        return
-    from common.harness.bench import one_line
-    from common.pipeline.run import segment_file
+    def __call__(self, job: tuple[str, str | None]) -> dict:
+        from common.pipeline.run import segment_file
 
-    _warm_up(backend)
-    conn.send(("ready", None))
-    parent = os.getppid()
-    try:
-        while True:
-            while not conn.poll(POLL_S):
-                if os.getppid() != parent:  # orphaned (a forked grandchild may still hold the pipe open)
-                    return
-            try:
-                job = conn.recv()
-            except EOFError:  # the parent is gone
-                return
-            if job is None:
-                return
-            input_path, output_path = job
-            try:
-                result = segment_file(Path(input_path), None if output_path is None else Path(output_path),
-                                      backend, variant.config)
-                reply = ("ok", {**result.timings, "n_tiles": result.n_tiles})
-            except Exception as exc:
-                reply = ("error", one_line(exc))
-            conn.send(reply)
-    finally:
-        backend.close()
+        input_path, output_path = job
+        result = segment_file(Path(input_path), None if output_path is None else Path(output_path),
+                              self.backend, self.config)
+        return {**result.timings, "n_tiles": result.n_tiles}
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _serve(conn, variant_payload: bytes, threads: int) -> None:
+    """The worker process: common/harness/workers.py's loop around a _Segmenter."""
+    workers.serve(conn, lambda: _Segmenter(variant_payload, threads), classify=_classify, ignore_interrupt=True)
 
 
 class VariantWorker:
@@ -155,24 +128,20 @@ class VariantWorker:
         self._start()
 
     def _start(self) -> None:
-        parent_end, child_end = _SPAWN.Pipe(duplex=True)
-        process = _SPAWN.Process(target=_serve, args=(child_end, self._payload, self.threads),
-                                 name=f"variant-{self.variant.name}", daemon=True)
-        process.start()
-        child_end.close()  # so that a dead worker reads as EOF here
-        self._process, self._conn = process, parent_end
+        self._process, self._conn = workers.start(_serve, (self._payload, self.threads),
+                                                  name=f"variant-{self.variant.name}")
         try:
             message = self._receive(" while starting")
         except BaseException:
             self._stop(timeout=0)
             raise
-        if message[0] == "failed":
+        if isinstance(message, workers.SetupFailed):
             self._stop()
-            raise _startup_error(message[1], message[2], self.variant.name)
+            raise _startup_error(message.kind, message.reason, self.variant.name)
 
     def _receive(self, when: str):
         """The worker's next message; RuntimeError (the worker forgotten) when it died instead."""
-        while not self._conn.poll(POLL_S):
+        while not self._conn.poll(workers.POLL_S):
             if not self._process.is_alive() and not self._conn.poll(0):
                 raise self._died(when)
         try:
@@ -184,26 +153,14 @@ class VariantWorker:
         process = self._process
         process.join(timeout=10)
         self._stop(timeout=0)
-        code = process.exitcode
         return RuntimeError(f"variant worker for {self.variant.name} died{when} "
-                            f"(exit code {code}{_exit_reason(code)})")
+                            f"({workers.describe_exit(process.exitcode)})")
 
     def _stop(self, timeout: float = 30) -> None:
         """Ask the worker to stop, kill it after `timeout` s, and forget it: the next run starts a fresh one."""
         process, conn = self._process, self._conn
         self._process = self._conn = None
-        if process is None:
-            return
-        if process.is_alive():
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-            process.join(timeout)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        conn.close()
+        workers.stop(process, conn, timeout)
 
     def pid(self) -> int:
         """The worker's process id, starting a fresh worker when the last one died or was closed.
@@ -218,17 +175,17 @@ class VariantWorker:
         """Segment one case in the worker (no output written for None): stage timings and n_tiles."""
         self.pid()
         try:
-            self._conn.send((str(input_path), None if output_path is None else str(output_path)))
+            self._conn.send(workers.Job(0, (str(input_path), None if output_path is None else str(output_path))))
         except OSError:
             raise self._died("") from None
         try:
-            status, value = self._receive("")
+            message = self._receive("")
         except BaseException:  # interrupted mid-case: its answer would come out of step
             self._stop(timeout=0)
             raise
-        if status != "ok":
-            raise RuntimeError(value)
-        return value
+        if not isinstance(message, workers.Done):
+            raise RuntimeError(message.reason)
+        return message.value
 
     def close(self) -> None:
         self._stop()

@@ -9,8 +9,9 @@ The rewrite is the same math, float rounding only: mean = mean over W (<= 128 va
 H by a MatMul with a 1/H column (a second Reduce would be merged back into one long sum by OpenVINO),
 then over D; the same for the centred squares. Result on one example_ct tile, OpenVINO fp32 vs torch:
 mean |logit diff| 1.0e-3 -> 4.4e-6, argmax agreement 0.99779 -> 0.999993, with no measurable slowdown.
-Needs static shapes (the fixed tile); the rewritten model is cached next to the source, keyed by the
-checkpoint hash the export wrote into its metadata and by the rewrite's version.
+Needs static shapes: the static patch model 02 exports (common/model/onnx_meta.py). The rewritten model
+is cached next to the source, keyed by the checkpoint hash the export wrote into its metadata and by the
+rewrite's version.
 """
 from __future__ import annotations
 
@@ -99,30 +100,18 @@ def rewrite_instance_norm(model):
     return model
 
 
-def _with_patch_shape(model):
-    """`model` with its spatial axes fixed to the tile (a dynamic-axes export leaves them open)."""
-    from onnx.tools.update_model_dims import update_inputs_outputs_dims
-
-    from common.model.weights import NUM_CLASSES, PATCH_SIZE
-
-    dims = [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
-    if all(isinstance(d, int) and d > 0 for d in dims):
-        return model
-    return update_inputs_outputs_dims(model, {model.graph.input[0].name: [1, 1, *PATCH_SIZE]},
-                                      {model.graph.output[0].name: [1, NUM_CLASSES, *PATCH_SIZE]})
-
-
 def ensure_precise_norm_model(source: Path = paths.ONNX_MODEL, target: Path = PRECISE_NORM_MODEL) -> Path:
     """The rewritten model, built (atomically) when missing or exported from another checkpoint."""
     import onnx
 
-    from common.runtime.backends import onnx_checkpoint_sha
+    from common.model.onnx_meta import onnx_checkpoint_sha, require_patch_model
 
     source_sha = onnx_checkpoint_sha(source)
     if target.is_file() and source_sha and _metadata(target) == {"checkpoint_sha256": source_sha,
                                                                  "precise_norm_version": REWRITE_VERSION}:
         return target
-    model = _with_patch_shape(onnx.load(str(source)))
+    model = onnx.load(str(source))
+    require_patch_model(model, str(source), static_only=True)  # the one shape rule: no open axes
     model = rewrite_instance_norm(model)
     props = {p.key: p.value for p in model.metadata_props}
     onnx.helper.set_model_props(model, {**props, "precise_norm_version": REWRITE_VERSION})

@@ -65,9 +65,12 @@ def build_int8_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_MODEL,
             item = next(self.items, None)
             return None if item is None else {name: item}
 
+    from common.model.onnx_meta import require_patch_model
+    from common.model.weights import PATCH_SIZE
+
     model = onnx.load(str(source))
+    require_patch_model(model, str(source))  # the one shape rule: the static patch model, nothing else
     name = model.graph.input[0].name  # read by Reader.get_next
-    patch_dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[2:]]
     _set_spatial_dims(model, CALIBRATION_PATCH)
     target.parent.mkdir(parents=True, exist_ok=True)
     small = target.with_suffix(".calib_fp32.onnx")
@@ -77,7 +80,7 @@ def build_int8_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_MODEL,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                     op_types_to_quantize=["Conv", "ConvTranspose"], calibrate_method=CalibrationMethod.MinMax)
     quantized = onnx.load(str(small_q))
-    _set_spatial_dims(quantized, patch_dims)
+    _set_spatial_dims(quantized, PATCH_SIZE)
     entry = quantized.metadata_props.add()
     entry.key, entry.value = "tsbench_int8_calibration", f"phantom seeds {CALIBRATION_SEEDS}, {len(patches)} patches 64^3"
     tmp = target.with_suffix(".tmp.onnx")
@@ -90,7 +93,15 @@ def build_int8_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_MODEL,
 
 
 def ensure_int8_model(log=print) -> Path:
-    """The INT8 model, rebuilt when missing or older than the fp32 model it quantizes."""
+    """The INT8 model, rebuilt when missing, older than the fp32 model it quantizes, or not the static patch
+    model (one quantized from an older dynamic-axes export)."""
+    from common.model.onnx_meta import require_patch_model
+    from common.model.weights import WeightsError
+
     if INT8_MODEL.is_file() and INT8_MODEL.stat().st_mtime >= paths.ONNX_MODEL.stat().st_mtime:
-        return INT8_MODEL
+        try:
+            require_patch_model(INT8_MODEL)
+            return INT8_MODEL
+        except WeightsError as exc:
+            log(f"rebuilding the INT8 model: {exc}")
     return build_int8_model(log=log)

@@ -36,7 +36,8 @@ class PipelineConfig:
     # Approximate tier: changes the math.
     body_crop: bool = False        # run the network only inside the box of voxels > -500 HU
     whole_volume: bool = False     # one pass over the whole (stride-padded) volume instead of tiles
-    threads: int = 0               # numpy work split over this many threads (0 = the affinity mask)
+    threads: int = 0               # numpy/native work split over this many threads (0 = the affinity mask);
+    #                                a variant's runner sets it from --threads (Variant.config_for)
 
     @property
     def exact(self) -> bool:
@@ -47,7 +48,7 @@ class PipelineConfig:
 class SegmentationResult:
     labels: np.ndarray  # uint8 on the input grid and orientation
     timings: dict[str, float] = field(default_factory=dict)
-    n_tiles: int = 0
+    n_tiles: float = 0  # tiles run; a whole-volume pass: the padded volume in patch equivalents (e.g. 1.43)
 
 
 class StageTimer:
@@ -95,7 +96,7 @@ def _numpy_threads(config: PipelineConfig) -> int:
 
 
 def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backend, config: PipelineConfig,
-                      timer: StageTimer, on_tile: Callable[[], None] | None = None) -> tuple[np.ndarray, int]:
+                      timer: StageTimer, on_tile: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
     """Labels for a canonical (RAS, x-y-z) volume, on that same grid. With the default config every
     step is TotalSegmentator's; the exact-tier options give the same labels faster."""
     threads = _numpy_threads(config)

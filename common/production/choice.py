@@ -8,9 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.core import paths
-
-FALLBACK_VARIANT = "ort_default"
-PARITY_MIN = 0.997
+from common.variants.selection import FALLBACK_VARIANT, PARITY_MIN, best_variants, per_variant
 
 
 @dataclass
@@ -21,18 +19,8 @@ class VariantChoice:
     table: pd.DataFrame = field(default_factory=pd.DataFrame)  # 05's per-variant medians, if any
 
 
-def _variant_medians(frame: pd.DataFrame) -> pd.DataFrame:
-    ok = frame[frame.status == "ok"].copy()
-    ok["variant"] = ok["variant"].fillna("")
-    per_case = ok.groupby(["variant", "tier", "case_id"]).agg(wall_s=("wall_s", "median"),
-                                                               parity=("parity_agreement", "median"))
-    table = per_case.groupby(level=[0, 1]).agg(wall_s=("wall_s", "median"), parity=("parity", "median"),
-                                               cases=("wall_s", "size"))
-    return table.reset_index().sort_values("wall_s")
-
-
 def choose_variants(out_dir: Path | None = None) -> VariantChoice:
-    """Fastest exact variant with median parity >= 0.997 and fastest approximate one, from 05's CSV."""
+    """The best exact and approximate variants of 05's CSV (common/variants/selection.py's rule), else the fallback."""
     from common.variants.table import VARIANTS
 
     csv = Path(out_dir or paths.BENCHMARKS_DIR) / "onnx_optimized_results.csv"
@@ -43,20 +31,19 @@ def choose_variants(out_dir: Path | None = None) -> VariantChoice:
     if frame.empty or not (frame.status == "ok").any():
         return VariantChoice(FALLBACK_VARIANT, None,
                              f"{csv.name} has no successful run: using the fallback variant {FALLBACK_VARIANT}")
-    table = _variant_medians(frame)
+    table = per_variant(frame)
     table = table[table.variant.isin(VARIANTS)]  # 05 may know variants this checkout does not
-    exact = table[(table.tier == "exact") & ((table.parity >= PARITY_MIN) | table.parity.isna())]
-    approx = table[table.tier == "approximate"]
+    best = best_variants(table)
     notes = []
-    if exact.empty:
+    if best["exact"] is None:
         best_exact = FALLBACK_VARIANT
-        notes.append(f"no exact variant in {csv.name} passed parity >= {PARITY_MIN}: using {FALLBACK_VARIANT}")
+        notes.append(f"no exact variant in {csv.name} has a measured parity >= {PARITY_MIN}: using {FALLBACK_VARIANT}")
     else:
-        row = exact.iloc[0]
+        row = best["exact"]
         best_exact = row.variant
-        parity = "parity not measured (no vanilla output)" if pd.isna(row.parity) else f"parity {row.parity:.5f}"
-        notes.append(f"best exact variant from {csv.name}: {best_exact} ({row.wall_s:.2f} s median, {parity})")
-    best_approx = None if approx.empty else approx.iloc[0].variant
+        notes.append(f"best exact variant from {csv.name}: {best_exact} ({row.wall_s:.2f} s median, "
+                     f"parity {row.parity:.5f})")
+    best_approx = None if best["approximate"] is None else best["approximate"].variant
     if best_approx:
-        notes.append(f"best approximate variant: {best_approx} ({approx.iloc[0].wall_s:.2f} s median)")
+        notes.append(f"best approximate variant: {best_approx} ({best['approximate'].wall_s:.2f} s median)")
     return VariantChoice(best_exact, best_approx, "; ".join(notes), table)

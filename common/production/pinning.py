@@ -12,21 +12,22 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import resource
 import shlex
 import threading
-import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from common.core.env import THREAD_ENV
+from common.core.formatting import one_line
+from common.harness import workers
 from common.production.topology import format_cpu_list
 
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_ENV_VARS = THREAD_ENV  # the one list (common/core/env.py); the name stays for callers
 
-_SPAWN = multiprocessing.get_context("spawn")
+_SPAWN = workers.SPAWN
 _ENV_LOCK = threading.Lock()
 
 
@@ -147,42 +148,31 @@ def _pin_self(cpus: list[int]) -> None:
         raise OSError(f"affinity is {format_cpu_list(actual)} after asking for {format_cpu_list(cpus)}")
 
 
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process in MB: VmHWM of the current image (ru_maxrss can include pre-exec memory)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    reason = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-    return reason if len(reason) <= 300 else reason[:297] + "..."
-
-
-def _describe_exit(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"
-
-
-def _run_pinned_child(cpus: list[int], payload: bytes, conn: multiprocessing.connection.Connection) -> None:
-    try:
+def _pinned_setup(cpus: list[int], payload: bytes) -> Callable[[], Callable[[Any], Any]]:
+    """The child's set-up: pin itself first, then unpickle the function (its imports start on those CPUs)."""
+    def setup():
         _pin_self(cpus)
-        fn, args, kwargs = pickle.loads(payload)
-        result = fn(*args, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
-        conn.send(("error", type(exc).__name__, _one_line(exc), traceback.format_exc()))
-        return
-    try:
-        conn.send(("ok", result))
-    except Exception as exc:  # the result could not be pickled
-        conn.send(("error", type(exc).__name__, f"result not picklable: {_one_line(exc)}", traceback.format_exc()))
+        (fn,) = pickle.loads(payload)
+        return fn
+    return setup
+
+
+def _pinned_worker(conn, cpus: list[int], fn_payload: bytes) -> None:
+    """A pinned child of run_pinned / run_queue: common/harness/workers.py's protocol, each Job's payload one
+    item for fn."""
+    workers.serve(conn, _pinned_setup(cpus, fn_payload))
+
+
+def _apply(fn: Callable, args: tuple, kwargs: dict, _payload: Any = None) -> Any:
+    return fn(*args, **kwargs)
+
+
+def _start_pinned_worker(cpus: list[int], fn_payload: bytes):
+    """(process, parent's end of the pipe) of a pinned child serving `fn` (pickled)."""
+    parent_end, child_end = _SPAWN.Pipe(duplex=True)
+    process = _start_pinned(_pinned_worker, (child_end, cpus, fn_payload), cpus)
+    child_end.close()  # so that a dead child reads as EOF here
+    return process, parent_end
 
 
 def _pickle_call(fn: Callable, *parts: Any) -> bytes:
@@ -190,70 +180,38 @@ def _pickle_call(fn: Callable, *parts: Any) -> bytes:
         return pickle.dumps((fn, *parts))
     except Exception as exc:
         name = getattr(fn, "__qualname__", repr(fn))
-        raise TypeError(f"cannot send {name} and its arguments to a child process ({_one_line(exc)}); "
+        raise TypeError(f"cannot send {name} and its arguments to a child process ({one_line(exc)}); "
                         "use a module-level function and picklable arguments") from exc
 
 
 def run_pinned(cpus: Sequence[int], fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn(*args, **kwargs)`` in a spawned child pinned to ``cpus`` and return its result.
 
-    The child has OMP/OPENBLAS/MKL_NUM_THREADS = len(cpus). An exception in the child (or its death)
+    The child has each of THREAD_ENV_VARS = len(cpus). An exception in the child (or its death)
     raises :class:`PinnedChildError` here, with the child's traceback attached.
     """
     wanted = _validate_cpus(cpus)
-    payload = _pickle_call(fn, args, kwargs)
+    _pickle_call(fn, args, kwargs)  # a clear TypeError here for what cannot travel
+    payload = pickle.dumps((partial(_apply, fn, args, kwargs),))  # unpickled in the child after pinning
     name = getattr(fn, "__qualname__", repr(fn))
-    receiver, sender = _SPAWN.Pipe(duplex=False)
-    process = _start_pinned(_run_pinned_child, (wanted, payload, sender), wanted)
-    sender.close()  # so that recv() sees EOF if the child dies without answering
+    where = f"CPUs {format_cpu_list(wanted)}"
+    process, conn = _start_pinned_worker(wanted, payload)
     try:
-        message = receiver.recv()
-        process.join()
+        message = conn.recv()
+        if isinstance(message, workers.Ready):
+            conn.send(workers.Job(0, None))
+            message = conn.recv()
     except EOFError:
         process.join()
-        raise PinnedChildError(f"{name} on CPUs {format_cpu_list(wanted)}: child process died "
-                               f"({_describe_exit(process.exitcode)}) without a result") from None
+        raise PinnedChildError(f"{name} on {where}: child process died "
+                               f"({workers.describe_exit(process.exitcode)}) without a result") from None
     finally:
-        receiver.close()
-        if process.is_alive():  # interrupted while waiting: do not leave the child running
-            process.terminate()
-            process.join()
-    if message[0] == "ok":
-        return message[1]
-    _, exc_type, reason, child_tb = message
-    raise PinnedChildError(f"{name} failed in pinned child on CPUs {format_cpu_list(wanted)}: {reason}\n"
-                           f"Child traceback:\n{child_tb}", exc_type=exc_type, child_traceback=child_tb)
-
-
-def _queue_worker(cpus: list[int], fn_payload: bytes, conn: multiprocessing.connection.Connection) -> None:
-    """Worker loop of run_queue: receives pickled (index, item), answers ("result", ...) per item."""
-    try:
-        _pin_self(cpus)
-        (fn,) = pickle.loads(fn_payload)
-    except BaseException as exc:  # noqa: BLE001
-        conn.send(("fatal", _one_line(exc)))
-        return
-    while True:
-        try:
-            data = conn.recv_bytes()
-        except EOFError:  # parent went away
-            return
-        if not data:  # empty message = no more items
-            return
-        index, start = None, None
-        try:
-            index, item = pickle.loads(data)
-            start = time.time()
-            value = fn(item)
-            end = time.time()
-        except Exception as exc:
-            conn.send(("result", index, "error", None, _one_line(exc), start, time.time(), _peak_rss_mb()))
-            continue
-        try:
-            conn.send(("result", index, "ok", value, None, start, end, _peak_rss_mb()))
-        except Exception as exc:  # the value could not be pickled
-            conn.send(("result", index, "error", None, f"result not picklable: {_one_line(exc)}",
-                       start, end, _peak_rss_mb()))
+        workers.stop(process, conn, timeout=5)
+    if isinstance(message, workers.Done):
+        return message.value
+    raise PinnedChildError(f"{name} failed in pinned child on {where}: {message.reason}\n"
+                           f"Child traceback:\n{message.traceback}", exc_type=message.kind,
+                           child_traceback=message.traceback)
 
 
 def run_queue(worker_cpusets: Sequence[Sequence[int]], fn: Callable, items: Sequence[Any]) -> list[ItemResult]:
@@ -276,37 +234,58 @@ def run_queue(worker_cpusets: Sequence[Sequence[int]], fn: Callable, items: Sequ
     conns, processes = [], []
     death_reasons: list[str] = []
 
+    def where(w: int) -> str:
+        return f"worker {w} (CPUs {format_cpu_list(cpusets[w])})"
+
     def dispatch(w: int) -> None:
         while pending:
             index = pending.pop()
             try:
-                data = pickle.dumps((index, items[index]))
-            except Exception as exc:
-                results[index] = ItemResult(index, "error", error=f"item not picklable: {_one_line(exc)}")
-                continue
-            try:
-                conns[w].send_bytes(data)
+                conns[w].send(workers.Job(index, items[index]))
             except OSError:  # worker already gone; its EOF is handled by the receive loop
                 pending.append(index)
                 in_flight[w] = None
                 return
+            except Exception as exc:  # pickling the item failed before anything was written
+                results[index] = ItemResult(index, "error", error=f"item not picklable: {one_line(exc)}")
+                continue
             in_flight[w] = index
             return
         in_flight[w] = None
         try:
-            conns[w].send_bytes(b"")
+            conns[w].send(workers.Stop())
         except OSError:
             pass
 
+    def finish(w: int, message) -> None:
+        """One named message from worker w (workers.py): a job's result, or its set-up failure."""
+        if isinstance(message, workers.Ready):
+            return
+        if isinstance(message, workers.SetupFailed):  # its item was not attempted: back to the queue
+            index = in_flight.pop(w, None)
+            if index is not None:
+                pending.append(index)
+            death_reasons.append(f"{where(w)} failed to start: {message.reason}")
+            processes[w].join()
+            alive.discard(w)
+            return
+        ok = isinstance(message, workers.Done)
+        index = message.index if message.index is not None else in_flight.get(w)
+        results[index] = ItemResult(index, "ok" if ok else "error",
+                                            value=message.value if ok else None, error=None if ok else message.reason,
+                                            worker=w, cpus=cpusets[w], start=message.start, end=message.end,
+                                            peak_rss_mb=message.peak_rss_mb)
+        dispatch(w)
+
+    alive: set[int] = set()
     try:
         for cpus in cpusets:
-            parent_end, child_end = _SPAWN.Pipe(duplex=True)
-            processes.append(_start_pinned(_queue_worker, (cpus, fn_payload, child_end), cpus))
-            child_end.close()
-            conns.append(parent_end)
+            process, conn = _start_pinned_worker(cpus, fn_payload)
+            processes.append(process)
+            conns.append(conn)
+        alive = set(range(len(cpusets)))
         for w in range(len(cpusets)):
             dispatch(w)
-        alive = set(range(len(cpusets)))
         while alive:
             ready = multiprocessing.connection.wait([conns[w] for w in alive])
             for conn in ready:
@@ -316,7 +295,7 @@ def run_queue(worker_cpusets: Sequence[Sequence[int]], fn: Callable, items: Sequ
                 except EOFError:  # worker gone: finish its item as an error
                     processes[w].join()
                     alive.discard(w)
-                    reason = f"worker {w} (CPUs {format_cpu_list(cpusets[w])}) died ({_describe_exit(processes[w].exitcode)})"
+                    reason = f"{where(w)} died ({workers.describe_exit(processes[w].exitcode)})"
                     index = in_flight.pop(w, None)
                     if index is not None:
                         results[index] = ItemResult(index, "error", error=f"{reason} while processing this item",
@@ -324,19 +303,7 @@ def run_queue(worker_cpusets: Sequence[Sequence[int]], fn: Callable, items: Sequ
                     if processes[w].exitcode != 0:
                         death_reasons.append(reason)
                     continue
-                if message[0] == "fatal":
-                    # The worker failed to start: its item was not attempted, give it back to the queue.
-                    index = in_flight.pop(w, None)
-                    if index is not None:
-                        pending.append(index)
-                    death_reasons.append(f"worker {w} (CPUs {format_cpu_list(cpusets[w])}) failed to start: {message[1]}")
-                    processes[w].join()
-                    alive.discard(w)
-                    continue
-                _, index, status, value, error, start, end, rss = message
-                results[index] = ItemResult(index, status, value=value, error=error, worker=w,
-                                            cpus=cpusets[w], start=start, end=end, peak_rss_mb=rss)
-                dispatch(w)
+                finish(w, message)
     finally:
         for process in processes:
             if process.is_alive():

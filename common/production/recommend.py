@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.pipeline.run import STAGES
 from common.production.choice import VariantChoice
 from common.production.cold_start import reproduce_command
 from common.production.sweeps import latency_table
@@ -135,8 +136,7 @@ def production_rows(rec: Recommendation, latency: pd.DataFrame, items: pd.DataFr
                "weights_kind": env.get("weights_kind", ""), "cpu_model": env.get("cpu_model", ""),
                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if run["status"] == "ok":
-            for key in ("wall_s", "load_s", "preprocess_s", "inference_s", "postprocess_s", "save_s", "n_tiles",
-                        "peak_rss_mb"):
+            for key in ("wall_s", *STAGES, "n_tiles", "peak_rss_mb"):
                 if key in run and not pd.isna(run[key]):
                     row[key] = run[key]
             try:

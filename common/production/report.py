@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.core.formatting import number
 from common.production.choice import VariantChoice
 from common.production.cold_start import reproduce_command
 from common.production.recommend import Recommendation, reproduce_lines
@@ -72,10 +73,6 @@ def plot_throughput(table: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def _f(value, digits=2) -> str:
-    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
-
-
 def write_report(path: Path, *, topology: Topology, env: dict, settings: Settings, choice: VariantChoice,
                  latency: pd.DataFrame, throughput: pd.DataFrame, cold: pd.DataFrame,
                  rec: Recommendation | None, plots: dict, elapsed_s: float) -> Path:
@@ -113,9 +110,9 @@ def write_report(path: Path, *, topology: Topology, env: dict, settings: Setting
                   "Inference (s) | Session build (s) | Peak RSS (MB) | Status |",
                   "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in table.itertuples():
-            lines.append(f"| {r.variant} | {r.tier} | {r.threads} | {r.cpus} | {r.runs} | {_f(r.median_s)} | "
-                         f"{_f(r.p25_s)}–{_f(r.p75_s)} | {_f(r.min_s)}–{_f(r.max_s)} | {_f(r.inference_s)} | "
-                         f"{_f(r.build_s)} | {_f(r.peak_rss_mb, 0)} | {r.status}{': ' + r.error if r.error else ''} |")
+            lines.append(f"| {r.variant} | {r.tier} | {r.threads} | {r.cpus} | {r.runs} | {number(r.median_s)} | "
+                         f"{number(r.p25_s)}–{number(r.p75_s)} | {number(r.min_s)}–{number(r.max_s)} | {number(r.inference_s)} | "
+                         f"{number(r.build_s)} | {number(r.peak_rss_mb, 0)} | {r.status}{': ' + r.error if r.error else ''} |")
     if plots.get("latency"):
         lines += ["", f"![latency vs threads]({Path(plots['latency']).name})"]
     lines += ["", "## Throughput vs W x T (disjoint pinned CPU sets, L3/NUMA aware)", ""]
@@ -127,10 +124,10 @@ def write_report(path: Path, *, topology: Topology, env: dict, settings: Setting
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for r in throughput.to_dict("records"):
             lines.append(f"| {r['workers']}x{r['threads']} | {r.get('cpusets', '') or '–'} | "
-                         f"{_f(r.get('cases_per_hour'), 0)} | {r.get('items', '–') if not pd.isna(r.get('items', np.nan)) else '–'} | "
-                         f"{_f(r.get('makespan_s'))} | {_f(r.get('latency_median_s'))} "
-                         f"({_f(r.get('latency_p25_s'))}–{_f(r.get('latency_p75_s'))}) | "
-                         f"{_f(r.get('peak_rss_mb_max'), 0)} | {r['status']} | "
+                         f"{number(r.get('cases_per_hour'), 0)} | {r.get('items', '–') if not pd.isna(r.get('items', np.nan)) else '–'} | "
+                         f"{number(r.get('makespan_s'))} | {number(r.get('latency_median_s'))} "
+                         f"({number(r.get('latency_p25_s'))}–{number(r.get('latency_p75_s'))}) | "
+                         f"{number(r.get('peak_rss_mb_max'), 0)} | {r['status']} | "
                          f"{r.get('source', '')}{'; ' + r['message'] if r.get('message') else ''} |")
         lines += ["", "W = 1 rows come from the latency sweep (same pinning, warm process); W >= 2 rows are a "
                   "queue of cases served by W pinned worker processes, each warmed up once before its timed items. "
@@ -146,8 +143,8 @@ def write_report(path: Path, *, topology: Topology, env: dict, settings: Setting
                   "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in cold.to_dict("records"):
             lines.append(f"| {r['variant']} | {r['threads']} | {r['cpus']} | {r['case_id']} | "
-                         f"{_f(r.get('to_first_output_s'))} | {_f(r.get('process_exit_s'))} | "
-                         f"{_f(r.get('startup_imports_s'))} | {_f(r.get('session_s'))} | {_f(r.get('segment_s'))} | "
+                         f"{number(r.get('to_first_output_s'))} | {number(r.get('process_exit_s'))} | "
+                         f"{number(r.get('startup_imports_s'))} | {number(r.get('session_s'))} | {number(r.get('segment_s'))} | "
                          f"{r['status']}{': ' + r['error'] if r.get('error') else ''} |")
         lines += ["", f"Command: `{cold.iloc[0]['command']}`"]
     lines += ["", "## Files", "",

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from common.core import paths
+from common.core.formatting import one_line
 from common.production.pinning import memory_fits, run_pinned, run_queue
 from common.production.topology import Topology, format_cpu_list, plan_worker_cpusets
 
@@ -70,9 +71,9 @@ def smallest_cases(cases: list, n: int) -> list:
 # ----------------------------------------------------------------------------- work done in pinned children
 
 def _peak_rss_mb() -> float:
-    from common.production.pinning import _peak_rss_mb as peak
+    from common.harness.workers import peak_rss_mb
 
-    return peak()
+    return peak_rss_mb()
 
 
 def latency_point(variant_name: str, threads: int, cases: list[tuple[str, str, str]], repeats: int,
@@ -171,7 +172,7 @@ def latency_sweep(settings: Settings, topology: Topology, bar=None) -> pd.DataFr
             try:
                 result = run_pinned(cpus, latency_point, variant, threads, cases, settings.repeats, settings.warmup)
             except PinnedChildError as exc:
-                rows.append({**base, "status": "error", "error": str(exc).splitlines()[0]})
+                rows.append({**base, "status": "error", "error": one_line(exc)})
             else:
                 for run in result["runs"]:
                     rows.append({**base, "status": "ok", "error": "", **run, "build_s": result["build_s"],

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.core.formatting import number
 from common.harness.bench import RESULT_COLUMNS
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline.run import STAGES
 from common.reports import report
+from common.variants.selection import PARITY_MIN
 
 FEATURES = (32, 64, 128, 256, 320)
 PLOT = "optimized_pareto.png"
@@ -113,19 +115,15 @@ def variant_table(frame: pd.DataFrame, peak: float | None) -> pd.DataFrame:
     return summary
 
 
-def _f(value, digits=2, suffix=""):
-    return report._fmt(value, digits, suffix)
-
-
 def table_lines(summary: pd.DataFrame) -> list[str]:
     lines = ["| Implementation | Variant | Tier | Median latency (s) | Spread (s) | Speedup vs vanilla | "
              "Speedup vs onnx_baseline | Parity agreement | Parity Dice | Dice vs GT | Peak RSS (MB) | Runs |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary.itertuples():
-        lines.append(f"| {r.implementation} | {r.variant or '–'} | {r.tier} | {_f(r.median_s)} | "
-                     f"{_f(r.p25_s)}–{_f(r.p75_s)} | {_f(r.speedup, 2, 'x')} | {_f(r.speedup_vs_baseline, 2, 'x')} | "
-                     f"{_f(r.parity_agreement, 5)} | {_f(r.parity_dice, 4)} | {report._gt(r.dice_gt_mean)} | "
-                     f"{_f(r.peak_rss_mb, 0)} | {r.runs}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
+        lines.append(f"| {r.implementation} | {r.variant or '–'} | {r.tier} | {number(r.median_s)} | "
+                     f"{number(r.p25_s)}–{number(r.p75_s)} | {number(r.speedup, 2, 'x')} | {number(r.speedup_vs_baseline, 2, 'x')} | "
+                     f"{number(r.parity_agreement, 5)} | {number(r.parity_dice, 4)} | {report._gt(r.dice_gt_mean)} | "
+                     f"{number(r.peak_rss_mb, 0)} | {r.runs}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
     return lines
 
 
@@ -135,9 +133,9 @@ def stage_lines(summary: pd.DataFrame) -> list[str]:
              "| --- | --- |" + " ---: |" * (len(STAGES) + 5)]
     for r in summary.itertuples():
         lines.append(f"| {r.implementation} | {r.variant or '–'} | " +
-                     " | ".join(_f(getattr(r, s)) for s in STAGES) + f" | {_f(r.network_s)}" +
-                     f" | {_f(100 * r.non_network_share, 0, '%')} | {_f(r.n_tiles, 1)} | {_f(r.network_gflops, 0)} | "
-                     f"{_f(100 * r.efficiency, 0, '%')} |")
+                     " | ".join(number(getattr(r, s)) for s in STAGES) + f" | {number(r.network_s)}" +
+                     f" | {number(100 * r.non_network_share, 0, '%')} | {number(r.n_tiles, 1)} | {number(r.network_gflops, 0)} | "
+                     f"{number(100 * r.efficiency, 0, '%')} |")
     return lines + ["", "Vanilla's stages are TotalSegmentator's internal phases as `common/harness/vanilla.py` records them; "
                         "its network figures include nnU-Net's own overheads. "
                         "\"of which network\" is the time inside the runtime's calls alone (the inference stage also "
@@ -145,20 +143,16 @@ def stage_lines(summary: pd.DataFrame) -> list[str]:
                         "over the wall time."]
 
 
-def best_lines(summary: pd.DataFrame) -> list[str]:
-    opt = summary[(summary.implementation == "onnx_optimized") & summary.median_s.notna()]
+def best_lines(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
+    """The best variant per tier, picked by common/variants/selection.py's rule (as SUMMARY.md and 06 pick)."""
+    from common.variants.selection import best_summary_rows
+
     lines = []
-    for tier in ("exact", "approximate"):
-        rows = opt[opt.tier == tier]
-        if tier == "exact":
-            rows = rows[rows.parity_agreement.fillna(0) >= 0.997]
-        if rows.empty:
-            continue
-        r = rows.sort_values("median_s").iloc[0]
-        lines.append(f"- Best {tier}: `{r.variant}` {_f(r.median_s)} s, {_f(r.speedup, 2, 'x')} vs vanilla, "
-                     f"{_f(r.speedup_vs_baseline, 2, 'x')} vs onnx_baseline, agreement {_f(r.parity_agreement, 5)}, "
-                     f"parity Dice {_f(r.parity_dice, 4)}, non-network {_f(100 * r.non_network_share, 0, '%')} of "
-                     f"its wall, peak RSS {_f(r.peak_rss_mb, 0)} MB.")
+    for tier, r in best_summary_rows(frame, summary):
+        lines.append(f"- Best {tier}: `{r.variant}` {number(r.median_s)} s, {number(r.speedup, 2, 'x')} vs vanilla, "
+                     f"{number(r.speedup_vs_baseline, 2, 'x')} vs onnx_baseline, agreement {number(r.parity_agreement, 5)}, "
+                     f"parity Dice {number(r.parity_dice, 4)}, non-network {number(100 * r.non_network_share, 0, '%')} of "
+                     f"its wall, peak RSS {number(r.peak_rss_mb, 0)} MB.")
     return lines
 
 
@@ -193,7 +187,7 @@ def pareto_plot(summary: pd.DataFrame, path: Path) -> Path | None:
         ax.step(*zip(*front), where="post", color="tab:green", lw=1.5, label="Pareto front", zorder=2)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.axhline(1 - 0.997, color="tab:red", ls="--", lw=1, label="exact-tier bound (agreement 0.997)")
+    ax.axhline(1 - PARITY_MIN, color="tab:red", ls="--", lw=1, label=f"exact-tier bound (agreement {PARITY_MIN})")
     ax.set_xlabel("median end-to-end latency (s, log scale)")
     ax.set_ylabel("1 - voxel agreement with vanilla (log scale; lower is better)")
     ax.set_title("Latency vs parity (stand-in weights: drift only)" if _stand_in() else "Latency vs parity")
@@ -227,7 +221,7 @@ def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peak: floa
         environment["measured_peak_gflops_fp32"] = f"{peak:.1f}"
     plot = pareto_plot(summary, out_dir / PLOT)
     text = report.header_lines("05 Optimized Python pipeline: variants, exact and approximate", frame, environment)
-    text += ["## Best variants", ""] + (best_lines(summary) or ["No optimized variant finished."]) + \
+    text += ["## Best variants", ""] + (best_lines(summary, frame) or ["No optimized variant finished."]) + \
         ["", "## Results", ""] + table_lines(summary)
     if plot:
         text += ["", f"![latency vs parity]({plot.name})", ""]

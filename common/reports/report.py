@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from common.core import paths
+from common.core.formatting import number
 from common.harness.bench import RESULT_COLUMNS
 from common.pipeline.run import STAGES
 
@@ -47,12 +48,6 @@ def read_all_results(out_dir: Path = paths.BENCHMARKS_DIR) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     return pd.concat(frames, ignore_index=True)
-
-
-def _fmt(value, digits: int = 2, suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}{suffix}"
 
 
 def per_case_speedup(frame: pd.DataFrame, reference: str = "vanilla") -> pd.Series:
@@ -106,7 +101,7 @@ def _gt(value) -> str:
     """Dice vs ground truth, or `n/a (stand-in)`: on random weights it is a meaningless number."""
     from common.model.weights import random_weights
 
-    return "n/a (stand-in)" if random_weights() else _fmt(value, 4)
+    return "n/a (stand-in)" if random_weights() else number(value, 4)
 
 
 def header_lines(title: str, frame: pd.DataFrame, environment: dict | None = None) -> list[str]:
@@ -132,9 +127,9 @@ def key_results_table(summary: pd.DataFrame) -> list[str]:
     for _, r in summary.iterrows():
         lines.append(
             f"| {LABELS.get(r.implementation, r.implementation)} | {r.variant or '–'} | {r.tier} | "
-            f"{_fmt(r.median_s)} | {_fmt(r.p25_s)}–{_fmt(r.p75_s)} | {_fmt(r.speedup, 2, 'x')} | "
-            f"{_fmt(r.parity_agreement, 5)} / {_fmt(r.parity_dice, 4)} | {_gt(r.dice_gt_mean)} | "
-            f"{_fmt(r.peak_rss_mb, 0)} | {r.cases}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
+            f"{number(r.median_s)} | {number(r.p25_s)}–{number(r.p75_s)} | {number(r.speedup, 2, 'x')} | "
+            f"{number(r.parity_agreement, 5)} / {number(r.parity_dice, 4)} | {_gt(r.dice_gt_mean)} | "
+            f"{number(r.peak_rss_mb, 0)} | {r.cases}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
     return lines
 
 
@@ -143,7 +138,7 @@ def stage_table(summary: pd.DataFrame) -> list[str]:
              "| --- | --- |" + " ---: |" * len(STAGES)]
     for _, r in summary.iterrows():
         lines.append(f"| {r.implementation} | {r.variant or '–'} | " +
-                     " | ".join(_fmt(r[s]) for s in STAGES) + " |")
+                     " | ".join(number(r[s]) for s in STAGES) + " |")
     return lines
 
 
@@ -153,8 +148,8 @@ def per_case_table(frame: pd.DataFrame) -> list[str]:
     for _, r in frame.sort_values(["case_id", "implementation"]).iterrows():
         status = r.status if r.status == "ok" else f"error: {r.error}"
         lines.append(f"| {r.case_id} | {r.implementation} | {r.variant if isinstance(r.variant, str) else '–'} | "
-                     f"{status} | {_fmt(r.wall_s)} | {_fmt(r.n_tiles, 0)} | {_fmt(r.peak_rss_mb, 0)} | "
-                     f"{_fmt(r.parity_agreement, 5)} | {_gt(r.dice_gt_mean)} |")
+                     f"{status} | {number(r.wall_s)} | {number(r.n_tiles, 0)} | {number(r.peak_rss_mb, 0)} | "
+                     f"{number(r.parity_agreement, 5)} | {_gt(r.dice_gt_mean)} |")
     return lines
 
 
@@ -168,27 +163,20 @@ def write_script_report(path: Path, title: str, frame: pd.DataFrame, environment
     return write_text_atomic(path, "\n".join(text) + "\n")
 
 
-def best_variant_lines(summary: pd.DataFrame, exact_min_agreement: float = 0.997) -> list[str]:
-    """SUMMARY's pick of the fastest optimized variant per tier (exact: only rows keeping parity)."""
-    if summary.empty or "implementation" not in summary:
-        return []
-    opt = summary[(summary.implementation == "onnx_optimized") & summary.median_s.notna()]
-    picks = []
-    for tier in ("exact", "approximate"):
-        rows = opt[opt.tier == tier]
-        if tier == "exact":
-            rows = rows[rows.parity_agreement.fillna(0) >= exact_min_agreement]
-        if not rows.empty:
-            picks.append((tier, rows.sort_values("median_s").iloc[0]))
+def best_variant_lines(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
+    """SUMMARY's best optimized variant per tier, picked by common/variants/selection.py's rule."""
+    from common.variants.selection import PARITY_MIN, best_summary_rows
+
+    picks = best_summary_rows(frame, summary)
     if not picks:
         return []
     lines = ["", "## Best optimized variants (05)", "",
              "| Tier | Variant | Typical latency (s) | Speedup vs vanilla | Parity vs vanilla (voxels / Dice) | "
              "Peak RSS (MB) |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for tier, r in picks:
-        lines.append(f"| {tier} | {r.variant} | {_fmt(r.median_s)} | {_fmt(r.speedup, 2, 'x')} | "
-                     f"{_fmt(r.parity_agreement, 5)} / {_fmt(r.parity_dice, 4)} | {_fmt(r.peak_rss_mb, 0)} |")
-    lines += ["", f"Exact-tier pick: the fastest exact variant with agreement >= {exact_min_agreement}. "
+        lines.append(f"| {tier} | {r.variant} | {number(r.median_s)} | {number(r.speedup, 2, 'x')} | "
+                     f"{number(r.parity_agreement, 5)} / {number(r.parity_dice, 4)} | {number(r.peak_rss_mb, 0)} |")
+    lines += ["", f"Exact-tier pick: the fastest exact variant with a measured agreement >= {PARITY_MIN}. "
               "Approximate rows change the math: with stand-in weights their parity is drift only "
               "(details: optimized_report.md)."]
     return lines
@@ -230,8 +218,8 @@ def study_table(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
         if len(cpu):
             env += f", {cpu[0]}"
         name = LABELS.get(r.implementation, r.implementation) + (f" `{r.variant}`" if r.variant else "")
-        lines.append(f"| {name} ({r.tier}) | {_fmt(r.median_s)} | {_fmt(r.parity_dice, 4)} / {_gt(r.dice_gt_mean)} | "
-                     f"{_fmt(r.speedup, 2, 'x')} | {env} |")
+        lines.append(f"| {name} ({r.tier}) | {number(r.median_s)} | {number(r.parity_dice, 4)} / {_gt(r.dice_gt_mean)} | "
+                     f"{number(r.speedup, 2, 'x')} | {env} |")
     return lines
 
 
@@ -284,7 +272,7 @@ def write_summary(out_dir: Path = paths.BENCHMARKS_DIR, environment: dict | None
             text += [f"### Cases: {', '.join(cases)}", "", *key_results_table(part), "",
                      "Stage breakdown (median seconds):", "", *stage_table(part), "",
                      "The original study's table shape:", "", *study_table(part, sub), ""]
-        text += best_variant_lines(summary)
+        text += best_variant_lines(summary, frame)
         text += ["", "Every row was measured by this checkout's scripts and read from benchmarks/*_results.csv. "
                  "Mean Dice vs vanilla = per-class Dice against vanilla's labels on the same case."]
     recommendation = Path(out_dir) / PRODUCTION_RECOMMENDATION

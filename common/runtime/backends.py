@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from common.core import paths
+from common.model.onnx_meta import check_onnx_matches, onnx_checkpoint_sha  # noqa: F401 (segment_cli's names)
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
 
@@ -32,26 +33,6 @@ class Backend:
     reuses_output: bool = False
 
 
-def onnx_checkpoint_sha(model_path: Path) -> str:
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}.get("checkpoint_sha256", "")
-
-
-def check_onnx_matches(model_path: Path, checkpoint_sha256: str | None) -> None:
-    """An ONNX file exported from another checkpoint is refused (stale models/ after new weights)."""
-    from common.model.weights import WeightsError
-
-    if not Path(model_path).is_file():
-        raise WeightsError(f"{model_path} is missing: run `python 02_export_model.py` first")
-    if checkpoint_sha256:
-        found = onnx_checkpoint_sha(model_path)
-        if found != checkpoint_sha256:
-            raise WeightsError(f"{model_path} was exported from checkpoint {found[:16] or '?'}, "
-                               f"not the current one {checkpoint_sha256[:16]}: rerun 02_export_model.py")
-
-
 def import_runtime(module: str):
     """The runtime's Python package, or BackendUnavailable (the benchmark reports the row as skipped)."""
     import importlib
@@ -62,40 +43,46 @@ def import_runtime(module: str):
         raise BackendUnavailable(f"{module} not installed: {exc}") from None
 
 
-def _patch_shape(dims, channels: int) -> list[int]:
-    """The tile's (1, channels, *PATCH_SIZE) where a model (exported with dynamic axes) leaves a dimension open."""
-    return [d if isinstance(d, int) and d > 0 else fixed for d, fixed in zip(dims, (1, channels, *PATCH_SIZE))]
-
-
 def resolve_model(model: str | Path | None) -> Path:
-    """`None`/"fp32" = the exported model; "precise_norm" = the same with short-block InstanceNorm sums
-    (common/model/precise_norm.py); "int8" = its calibrated QDQ copy (common/model/quantize.py)."""
+    """The one rule for which ONNX file a backend loads.
+
+    `None`/"fp32" = the exported model; "precise_norm" = the same with short-block InstanceNorm sums
+    (common/model/precise_norm.py); "int8" = its calibrated QDQ copy (common/model/quantize.py): each
+    checked against the checkpoint model_info.json names (stale models/ are refused). A path = that file
+    as it is (tests, one-off runs). Every one must be the static patch model (common/model/onnx_meta.py).
+    """
+    from common.model.onnx_meta import check_current_model
+
     if model in (None, "fp32"):
-        return paths.ONNX_MODEL
+        return check_current_model()
     if model == "precise_norm":
         from common.model.precise_norm import ensure_precise_norm_model
 
+        check_current_model()
         return ensure_precise_norm_model()
     if model == "int8":
         from common.model.quantize import INT8_MODEL
 
+        check_current_model()
         if not INT8_MODEL.is_file():
             raise BackendUnavailable(f"INT8 model {INT8_MODEL.name} missing: run "
                                      "`python 05_optimized_python_benchmark.py --calibrate` first")
         return INT8_MODEL
+    if not Path(model).is_file():
+        raise FileNotFoundError(f"ONNX model {model} not found")
     return Path(model)
 
 
-def onnxruntime_backend(threads: int, model_path: Path = paths.ONNX_MODEL, tuned: bool = False,
-                        optimized_model_cache: Path | str | None = None, model: str | None = None,
-                        reuse_output: bool = False, denormals_as_zero: bool | None = None) -> Backend:
+def onnxruntime_backend(threads: int, model: str | Path | None = None, tuned: bool = False,
+                        optimized_model_cache: Path | str | None = None,
+                        reuse_output: bool = False, denormals_as_zero: bool = False) -> Backend:
     """ONNX Runtime CPU. Default session = only the thread count set (the `onnx_baseline` row).
 
     `reuse_output`: bind one preallocated output buffer (IOBinding) instead of a fresh 760 MB array
     per tile (page faults are expensive here); `predict` then returns that buffer, valid until the next call.
     """
     ort = import_runtime("onnxruntime")
-    model_path = resolve_model(model) if model is not None else model_path
+    model_path = resolve_model(model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     if tuned:
@@ -103,7 +90,7 @@ def onnxruntime_backend(threads: int, model_path: Path = paths.ONNX_MODEL, tuned
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        if denormals_as_zero is not False:  # default: on with `tuned`; flushes tiny activations (drift)
+        if denormals_as_zero:  # off by default, as in every variant: it flushes tiny activations (drift), see ORT_TUNED
             options.add_session_config_entry("session.set_denormal_as_zero", "1")
         options.enable_cpu_mem_arena = True
         if optimized_model_cache == "auto":  # keyed by the source model's size and mtime: never stale
@@ -125,8 +112,9 @@ def onnxruntime_backend(threads: int, model_path: Path = paths.ONNX_MODEL, tuned
 
         return Backend("onnxruntime", predict, details)
 
+    _require_patch_session(session, model_path)  # the bound output buffer is the patch's logits
     output = session.get_outputs()[0]
-    out_shape = _patch_shape(output.shape, NUM_CLASSES)
+    out_shape = [1, NUM_CLASSES, *PATCH_SIZE]
     buffer = np.empty(out_shape, dtype=np.float32)
     binding = session.io_binding()
     binding.bind_output(output.name, "cpu", 0, np.float32, out_shape, buffer.ctypes.data)
@@ -142,6 +130,15 @@ def onnxruntime_backend(threads: int, model_path: Path = paths.ONNX_MODEL, tuned
     return Backend("onnxruntime", predict_bound, details, reuses_output=True)
 
 
+def _require_patch_session(session, model_path: Path) -> None:
+    """The one shape rule (common/model/onnx_meta.py), read from the session: a static patch model only."""
+    inputs, outputs = session.get_inputs()[0].shape, session.get_outputs()[0].shape
+    if list(inputs) != [1, 1, *PATCH_SIZE] or list(outputs) != [1, NUM_CLASSES, *PATCH_SIZE]:
+        from common.model.onnx_meta import require_patch_model
+
+        require_patch_model(model_path)
+
+
 def _with_argmax(ov, model):
     """`model` whose output is the uint8 class index per voxel (TopK k=1, stable: ties to the lowest class)."""
     from openvino import opset13 as ops
@@ -152,18 +149,18 @@ def _with_argmax(ov, model):
     return ov.Model([ops.convert(top.output(1), ov.Type.u8).output(0)], model.get_parameters(), "labels")
 
 
-def openvino_backend(threads: int, model_path: Path = paths.ONNX_MODEL, precision: str = "f32",
-                     model: str | None = None, cache_dir: Path | None = paths.MODELS_DIR / "openvino_cache",
+def openvino_backend(threads: int, model: str | Path | None = None, precision: str = "f32",
+                     cache_dir: Path | None = paths.MODELS_DIR / "openvino_cache",
                      whole_volume: bool = False) -> Backend:
     """OpenVINO CPU, one infer request whose output buffer is reused.
 
     `precision`: INFERENCE_PRECISION_HINT, "f32" (exact tier) or "bf16" (AMX/AVX-512 bf16, approximate).
-    Default: the static patch shape, `predict` gives logits. `whole_volume`: instead, one model compiled for
+    Default: the static patch model, `predict` gives logits. `whole_volume`: instead, one model compiled for
     any input shape with the argmax appended (`labels_any`): no per-case compilation, and no 118-channel
     float32 volume (1.5 GB at 144x144x160) leaves the runtime.
     """
     ov = import_runtime("openvino")
-    model_path = resolve_model(model) if model is not None else model_path
+    model_path = resolve_model(model)
     core = ov.Core()
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -186,8 +183,11 @@ def openvino_backend(threads: int, model_path: Path = paths.ONNX_MODEL, precisio
         return Backend("openvino", None, {**details, "whole_volume": True}, labels_any=labels_any,
                        reuses_output=True)
 
-    if net.inputs[0].get_partial_shape().is_dynamic:  # a dynamic-axes export: compile for the tile shape
-        net.reshape({net.inputs[0].get_any_name(): ov.PartialShape([1, 1, *PATCH_SIZE])})
+    shape = net.inputs[0].get_partial_shape()
+    if shape.is_dynamic or list(shape.to_shape()) != [1, 1, *PATCH_SIZE]:
+        from common.model.onnx_meta import require_patch_model
+
+        require_patch_model(model_path)  # raises, with the shapes it found
     request = core.compile_model(net, "CPU", config).create_infer_request()
 
     def predict(patch: np.ndarray) -> np.ndarray:

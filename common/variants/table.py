@@ -19,6 +19,13 @@ class Variant:
     backend_options: dict = field(default_factory=dict)
     config: PipelineConfig = PipelineConfig()
 
+    def config_for(self, threads: int) -> PipelineConfig:
+        """The pipeline settings of a run on `threads` threads (--threads): the numpy and native-kernel work
+        of its stages (resampling, accumulation, argmax) on that many threads, not the whole affinity mask."""
+        from dataclasses import replace
+
+        return replace(self.config, threads=int(threads))
+
     def __post_init__(self):
         if self.config.whole_volume != bool(self.backend_options.get("whole_volume")):
             raise ValueError(f"variant {self.name}: a whole-volume config needs a whole_volume backend, and back")
@@ -27,9 +34,10 @@ class Variant:
 # Exact-tier pipeline options: the same labels as the defaults (tests/test_variants.py checks bit-exactness).
 FAST = PipelineConfig(lean_load=True, fast_resample=True, fused_normalize=True, fast_accumulate=True,
                       chunked_argmax=True)
-# Denormals-as-zero stays off: ORT sets it on the calling thread too, which then changes torch (vanilla,
-# run in the same process) and drifted the reference by 0.6% on example_ct_sm with stand-in weights. 05 now runs
-# each variant in its own process; 06's in-process runs and the tests still share one.
+# Denormals-as-zero stays off (the backend's default, written here so the table says it): ORT sets it on the
+# calling thread too, which then changes torch (vanilla, run in the same process) and drifted the reference by
+# 0.6% on example_ct_sm with stand-in weights. 05 runs each variant in its own process; 06's in-process runs and
+# the tests still share one.
 ORT_TUNED = {"tuned": True, "denormals_as_zero": False, "optimized_model_cache": "auto"}
 OV_F32, OV_BF16 = {"precision": "f32"}, {"precision": "bf16"}
 
@@ -113,9 +121,10 @@ def make_pipeline_runner(implementation: str, variant: Variant, threads: int, is
     from common.runtime.backends import make_backend
 
     backend = make_backend(variant.backend, threads, **variant.backend_options)
+    config = variant.config_for(threads)
 
     def run(input_path: Path, output_path: Path | None) -> dict:
-        result = segment_file(input_path, output_path, backend, variant.config)
+        result = segment_file(input_path, output_path, backend, config)
         return {**result.timings, "n_tiles": result.n_tiles}
 
     return Runner(implementation, variant.name, variant.tier, run)

@@ -1,0 +1,67 @@
+"""The one rule for "the best exact and the best approximate variant", and the parity bound it uses.
+
+SUMMARY.md (reports/report.py), 05's report (reports/optimized_report.py), 06 and segment mode
+(production/choice.py) all pick through `best_variants`, so they name the same winners:
+
+- per variant: latency = median over cases of each case's median wall time; parity = mean over cases of
+  each case's mean voxel agreement with vanilla (successful runs only);
+- exact tier: only variants whose parity was measured and is >= PARITY_MIN (a variant whose parity was never
+  measured has not shown that it keeps vanilla's labels); approximate tier: any;
+- the fastest of each tier wins (ties: the variant name), or none.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+PARITY_MIN = 0.997  # exact tier: voxel agreement with vanilla (float rounding only; stand-in weights' near-ties)
+FALLBACK_VARIANT = "ort_default"  # what 06 and segment mode run when no variant passes (ONNX Runtime, default session)
+TIERS = ("exact", "approximate")
+
+
+def per_variant(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant and tier of `frame`'s successful runs: variant, tier, wall_s, parity, cases."""
+    columns = ["variant", "tier", "wall_s", "parity", "cases"]
+    ok = frame[frame.status == "ok"].copy() if "status" in frame else frame.iloc[0:0]
+    if ok.empty:
+        return pd.DataFrame(columns=columns)
+    ok["variant"] = ok["variant"].fillna("")
+    if "parity_agreement" not in ok:
+        ok["parity_agreement"] = np.nan
+    per_case = ok.groupby(["variant", "tier", "case_id"]).agg(wall_s=("wall_s", "median"),
+                                                               parity=("parity_agreement", "mean"))
+    table = per_case.groupby(level=[0, 1]).agg(wall_s=("wall_s", "median"), parity=("parity", "mean"),
+                                               cases=("wall_s", "size"))
+    return table.reset_index().sort_values(["wall_s", "variant"])[columns]
+
+
+def keeps_parity(parity) -> bool:
+    """The exact-tier bound: measured, and at least PARITY_MIN."""
+    return parity is not None and not pd.isna(parity) and float(parity) >= PARITY_MIN
+
+
+def best_variants(table: pd.DataFrame, known=None) -> dict[str, pd.Series | None]:
+    """{"exact": row or None, "approximate": row or None} of a `per_variant` table; `known`: only these names."""
+    rows = table if known is None else table[table.variant.isin(list(known))]
+    best: dict[str, pd.Series | None] = {}
+    for tier in TIERS:
+        candidates = rows[rows.tier == tier]
+        if tier == "exact":
+            candidates = candidates[candidates.parity.map(keeps_parity).astype(bool)]
+        best[tier] = None if candidates.empty else candidates.sort_values(["wall_s", "variant"]).iloc[0]
+    return best
+
+
+def best_summary_rows(frame: pd.DataFrame, summary: pd.DataFrame,
+                      implementation: str = "onnx_optimized") -> list[tuple[str, pd.Series]]:
+    """[(tier, summary row)] of `implementation`'s best variants in `frame` (the reports' display rows)."""
+    if frame.empty or "implementation" not in frame or summary.empty:
+        return []
+    best = best_variants(per_variant(frame[frame.implementation == implementation]))
+    picks = []
+    for tier, row in best.items():
+        match = summary[(summary.implementation == implementation) & (summary.variant == row.variant)] \
+            if row is not None else summary.iloc[0:0]
+        if not match.empty:
+            picks.append((tier, match.iloc[0]))
+    return picks
