@@ -79,13 +79,23 @@ def protect_token() -> str | None:
 
 def _watchdog(seconds: float, address: str) -> threading.Timer:
     def expire() -> None:  # ray.init cannot be interrupted from another thread: leave with one line
-        print(f"error: no Ray cluster at {address}: no answer within {seconds:.0f} s", file=sys.stderr, flush=True)
+        print(f"error: no Ray cluster at {address} answered within {seconds:.0f} s (not a Ray head's GCS port, "
+              "or its token differs from this machine's ~/.ray/auth_token / RAY_AUTH_TOKEN)", file=sys.stderr, flush=True)
         os._exit(2)
 
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
     timer.start()
     return timer
+
+
+def _code_path_env() -> dict:
+    """Workers on a cluster's nodes import ``common`` from the same path as here (the README's layout: the
+    code at the same path on every node); the driver's PYTHONPATH travels with it."""
+    from common.core import paths
+
+    entries = [str(paths.REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(entries))}}
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> Connection:
@@ -95,6 +105,10 @@ def connect(address: str | None, num_cpus: int | None = None) -> Connection:
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None and mode.lower() != "token":
         notes.append(f"RAY_AUTH_MODE={mode}: token authentication is OFF (anyone reaching the ports can run code)")
+    if address:  # read by Ray when it is imported: set first
+        if mode is None and (os.environ.get("RAY_AUTH_TOKEN") or protect_token()):
+            os.environ["RAY_AUTH_MODE"] = "token"  # ray.init(address=...) sends no token unless told to
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # not one retry line per second on stderr
     import ray
 
     if ray.is_initialized():
@@ -105,7 +119,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> Connection:
             probe(address)
         timer = _watchdog(CONNECT_TIMEOUT_S - (time.perf_counter() - start), address)
         try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, runtime_env=_code_path_env())
         except Exception as exc:  # noqa: BLE001 - auth, version mismatch, ...: one line
             raise ClusterError(f"cannot attach to Ray at {address}: {type(exc).__name__}: "
                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None

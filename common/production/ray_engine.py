@@ -31,6 +31,10 @@ RESULT_COLUMNS = ("input", "output", "status", "error", "attempts", "node", "nod
                   "input_bytes", "output_bytes", "input_sha256")
 
 
+class WorkerStartError(RuntimeError):
+    """No actor could build its pipeline (a setup error, exit code 2): one line."""
+
+
 @dataclass
 class Job:
     input: str
@@ -227,6 +231,8 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
             waiting = list(running) + list(pool.starting)
             if not waiting:
                 reason = "; ".join(dict.fromkeys(pool.startup_errors)) or "no worker left"
+                if not pool.info and pool.startup_errors:
+                    raise WorkerStartError(f"no worker could start: {reason}")
                 for index in [*pending, *reserved.values()]:
                     finish(index, {"status": "error", "error": f"not processed: {reason}"})
                 pending.clear()

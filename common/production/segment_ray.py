@@ -39,7 +39,8 @@ def plan_jobs(files: list[Path], out_dir: Path) -> tuple[list, list[tuple[str, s
 def segment_on_ray(args) -> int:
     from common.production import ray_cluster
     from common.production.ray_cluster import ClusterError
-    from common.production.ray_engine import RESULTS, EngineSettings, finished, read_manifest, write_results
+    from common.production.ray_engine import (RESULTS, EngineSettings, WorkerStartError, finished, read_manifest,
+                                              write_results)
     from common.production.segment_cli import default_variant, expand_inputs
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
@@ -101,7 +102,11 @@ def segment_on_ray(args) -> int:
                 print(f"segment: {line}", file=sys.stderr)
             settings = EngineSettings(variant=name, workers=workers, threads=threads, memory_mb=memory_mb,
                                       factory=os.environ.get(PIPELINE_HOOK) or None, prefetch=not args.no_prefetch)
-            rows += _run_with_bar(jobs, settings, args)
+            try:
+                rows += _run_with_bar(jobs, settings, args)
+            except WorkerStartError as exc:
+                _err(str(exc))
+                return 2
     except KeyboardInterrupt:
         _err("interrupted: finished outputs are kept; rerun with --resume to do the rest")
         return 130
