@@ -175,3 +175,16 @@ def test_real_pipeline_on_ray(tmp_path, onnx_model, monkeypatch, capsys):
     np.testing.assert_array_equal(ray_seg.affine, nib.load(src).affine)
     row = pd.read_csv(tmp_path / "ray" / RESULTS).iloc[0]
     assert row.status == "ok" and row.inference_s > 0 and row.n_tiles == 1 and str(row.cpus) in ("0", "1")
+
+
+def test_no_node_can_hold_a_worker_is_one_error(tmp_path, monkeypatch, capsys):
+    for key, value in fake_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    write_inputs(tmp_path / "in", ["a"])
+    args = [a if a != "200" else str(64 * 2**20) for a in RAY_ARGS]  # 64 TB per worker
+    rc = segment_main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    [line] = error_lines(err)
+    assert "no node can hold one worker" in line
+    assert runs(tmp_path) == []
