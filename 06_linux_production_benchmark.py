@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "would not fit is refused")
     parser.add_argument("--engines", default="",
                         help="also run the same cohort on these engines, interleaved, e.g. local,ray (default: off; "
-                             "see the report's Engines section)")
+                             "ray-noprefetch = Ray without the read-ahead; see the report's Engines section)")
     parser.add_argument("--engine-combo", default="",
                         help="W x T for --engines (default: the largest W of the swept combos with the smallest T)")
     parser.add_argument("--engine-repeats", type=int, default=3, help="repeats for --engines (default: %(default)s)")
@@ -144,8 +144,8 @@ def benchmark(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if set(engines) - {"local", "ray"} or args.engine_repeats < 1:
-        return fail(f"--engines takes local and/or ray (got {args.engines!r}); --engine-repeats must be >= 1")
+    if set(engines) - {"local", "ray", "ray-noprefetch"} or args.engine_repeats < 1:
+        return fail(f"--engines takes local, ray, ray-noprefetch (got {args.engines!r}); --engine-repeats must be >= 1")
     try:
         engine_combo = sweeps.parse_combos(args.engine_combo)[0] if args.engine_combo \
             else max(combos, key=lambda wt: (-wt[1], wt[0]))

@@ -188,3 +188,25 @@ def test_no_node_can_hold_a_worker_is_one_error(tmp_path, monkeypatch, capsys):
     [line] = error_lines(err)
     assert "no node can hold one worker" in line
     assert runs(tmp_path) == []
+
+
+def test_engines_section_overhead_and_projection():
+    """06 --engines: medians per engine, Ray's overhead, the prefetch gain and the N-node table, from the rows."""
+    from common.production.engine_bench import engines_markdown
+
+    rows = []
+    for repeat in range(3):
+        rows.append({"engine": "local", "repeat": repeat, "workers": 2, "threads": 1, "items": 4, "ok": 4,
+                     "status": "ok", "wall_s": 40.0, "steady_s": 36.0, "cases_per_hour": 360.0,
+                     "steady_cases_per_hour": 400.0})
+        for engine, steady in (("ray", 390.0), ("ray-noprefetch", 375.0)):
+            rows.append({"engine": engine, "repeat": repeat, "workers": 2, "threads": 1, "items": 4, "ok": 4,
+                         "status": "ok", "wall_s": 41.0, "steady_s": 36.9, "cases_per_hour": 351.0,
+                         "steady_cases_per_hour": steady, "startup_s": 4.0, "ray_rss_mb": 700.0,
+                         "worker_peak_rss_mb": 2900.0, "input_mb": 40.0, "output_mb": 2.0, "load_s": 0.5})
+    text = engines_markdown(pd.DataFrame(rows))
+    assert "local 400, Ray 390: Ray's overhead +2.5 %" in text and "Under 3 %" in text
+    assert "Prefetch of the next case" in text and "+4.0 %" in text
+    assert "median 4.0 s" in text and "700 MB RSS" in text
+    # 195 cases/hour per worker, 2 per node; 10 nodes: 3900 cases/hour x 42 MB / 3600 s = 45.5 MB/s
+    assert "| 10 | 20 | 3900 | 1.3 | 45.50 |" in text
