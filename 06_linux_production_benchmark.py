@@ -112,6 +112,16 @@ def benchmark(argv=None) -> int:
     bad = [t for t in thread_counts if t < 1 or t > len(topology.cpus)]
     if bad:
         return fail(f"thread counts {bad} outside 1..{len(topology.cpus)} (CPUs in the affinity mask)")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if set(engines) - {"local", "ray", "ray-noprefetch"} or args.engine_repeats < 1:
+        return fail(f"--engines takes local, ray, ray-noprefetch (got {args.engines!r}); --engine-repeats must be >= 1")
+    try:
+        engine_combo = sweeps.parse_combos(args.engine_combo)[0] if args.engine_combo \
+            else max(combos, key=lambda wt: (-wt[1], wt[0]))
+    except (ValueError, IndexError) as exc:
+        return fail(f"--engine-combo: {exc}")
+    if engines and engine_combo[0] * engine_combo[1] > len(topology.cpus):
+        return fail(f"--engine-combo {engine_combo[0]}x{engine_combo[1]}: more CPUs than the affinity mask holds")
 
     choice = choose_variants(args.out)
     if args.variants:
@@ -142,17 +152,6 @@ def benchmark(argv=None) -> int:
           file=sys.stderr)
     print(f"06: {choice.note}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if set(engines) - {"local", "ray", "ray-noprefetch"} or args.engine_repeats < 1:
-        return fail(f"--engines takes local, ray, ray-noprefetch (got {args.engines!r}); --engine-repeats must be >= 1")
-    try:
-        engine_combo = sweeps.parse_combos(args.engine_combo)[0] if args.engine_combo \
-            else max(combos, key=lambda wt: (-wt[1], wt[0]))
-    except (ValueError, IndexError) as exc:
-        return fail(f"--engine-combo: {exc}")
-    if engines and engine_combo[0] * engine_combo[1] > len(topology.cpus):
-        return fail(f"--engine-combo {engine_combo[0]}x{engine_combo[1]}: more CPUs than the affinity mask holds")
 
     total = len(names) * len(thread_counts) + len(combos) + args.cold_repeats + len(engines) * args.engine_repeats
     with tqdm(total=total, desc="06 production", unit="step", disable=args.no_progress) as bar:
