@@ -125,6 +125,9 @@ def test_interrupted_cohort_resumes_by_content_hash(tmp_path):
     changed_in = tmp_path / "in" / changed_out.name
     nib.save(nib.Nifti1Image(np.full((8, 8, 8), 99, np.int16), np.eye(4)), changed_in)
     (tmp_path / "runs.log").unlink()
+    unfinished = next(p for p in inputs if out / p.name not in done)
+    stale = out / f".{unfinished.name}.k1ll3d.tmp.nii.gz"  # as a SIGKILLed driver's actor would leave it
+    stale.write_bytes(b"half a file")
 
     proc = subprocess.run([*command, "--resume"], env=env, cwd=paths.REPO_ROOT, capture_output=True, text=True,
                           timeout=180)
@@ -136,6 +139,7 @@ def test_interrupted_cohort_resumes_by_content_hash(tmp_path):
         assert (path.stat().st_mtime_ns == mtime) == (path != changed_out)
     assert outputs(out) == sorted([p.name for p in inputs] + [MANIFEST, RESULTS])
     assert (pd.read_csv(out / RESULTS).status == "kept").sum() == len(done) - 1
+    assert not stale.exists() and "removed 1 temporary output(s)" in proc.stderr
 
 
 def test_address_to_nothing_exits_2_quickly(tmp_path):

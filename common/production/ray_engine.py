@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 from common.production.topology import format_cpu_list
 
 MAX_ATTEMPTS = 3  # actors that may die on one case before it is reported as failed
+START_TIMEOUT_S = 600.0  # no case running and no actor ready for this long: the cluster cannot place one
 MANIFEST = "segment_manifest.jsonl"
 RESULTS = "segment_results.csv"
 RESULT_COLUMNS = ("input", "output", "status", "error", "attempts", "node", "node_ip", "pid", "worker", "cpus",
@@ -103,6 +105,24 @@ def remove_partial(output: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_partials(jobs: list[Job]) -> int:
+    """Before a run: temporary outputs of these jobs left by a killed driver or node (one listing per folder)."""
+    by_dir: dict[Path, set[str]] = {}
+    for job in jobs:
+        by_dir.setdefault(Path(job.output).parent, set()).add(Path(job.output).name)
+    removed = 0
+    for folder, names in by_dir.items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.startswith(".") and ".tmp" in entry and entry[1:].split(".tmp")[0].rsplit(".", 1)[0] in names:
+                (folder / entry).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 # ----------------------------------------------------------------------------- the cohort
 
 class _Pool:
@@ -170,8 +190,11 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
     reserved: dict[int, int] = {}  # worker -> job it will run next (and prefetches)
     running: dict = {}  # result ref -> (worker, job index)
     replacements = settings.workers * MAX_ATTEMPTS
+    if removed := remove_stale_partials(jobs):
+        log(f"removed {removed} temporary output(s) left by an interrupted run")
     for _ in range(min(settings.workers, len(jobs))):
         pool.start()
+    progress_at = time.monotonic()
 
     def finish(index: int, row: dict) -> None:
         job = jobs[index]
@@ -239,6 +262,15 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
                 reserved.clear()
                 break
             done, _ = pool.ray.wait(waiting, num_returns=1, timeout=1.0)
+            if done or running:
+                progress_at = time.monotonic()
+            elif time.monotonic() - progress_at > START_TIMEOUT_S:
+                reason = f"no worker became ready within {START_TIMEOUT_S:.0f} s (cluster busy, or a node lost?)"
+                for index in [*pending, *reserved.values()]:
+                    finish(index, {"status": "error", "error": f"not processed: {reason}"})
+                pending.clear()
+                reserved.clear()
+                break
             for ref in done:
                 if ref in pool.starting:
                     pool.on_ready(ref)
