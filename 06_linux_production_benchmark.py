@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-limit-mb", type=float, default=None,
                         help="memory available to workers (default: what the OS reports available); a W that "
                              "would not fit is refused")
+    parser.add_argument("--engines", default="",
+                        help="also run the same cohort on these engines, interleaved, e.g. local,ray (default: off; "
+                             "ray-noprefetch = Ray without the read-ahead; see the report's Engines section)")
+    parser.add_argument("--engine-combo", default="",
+                        help="W x T for --engines (default: the largest W of the swept combos with the smallest T)")
+    parser.add_argument("--engine-repeats", type=int, default=3, help="repeats for --engines (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=paths.BENCHMARKS_DIR, help="report folder (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -86,6 +92,7 @@ def benchmark(argv=None) -> int:
     from common.production import sweeps
     from common.production.choice import choose_variants
     from common.production.cold_start import cold_start
+    from common.production.engine_bench import engines_markdown
     from common.production.recommend import production_rows, recommend, reproduce_lines
     from common.production.report import plot_latency, plot_throughput, recommendation_markdown, write_report
     from common.production.topology import plan_worker_cpusets, read_topology
@@ -105,6 +112,16 @@ def benchmark(argv=None) -> int:
     bad = [t for t in thread_counts if t < 1 or t > len(topology.cpus)]
     if bad:
         return fail(f"thread counts {bad} outside 1..{len(topology.cpus)} (CPUs in the affinity mask)")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if set(engines) - {"local", "ray", "ray-noprefetch"} or args.engine_repeats < 1:
+        return fail(f"--engines takes local, ray, ray-noprefetch (got {args.engines!r}); --engine-repeats must be >= 1")
+    try:
+        engine_combo = sweeps.parse_combos(args.engine_combo)[0] if args.engine_combo \
+            else max(combos, key=lambda wt: (-wt[1], wt[0]))
+    except (ValueError, IndexError) as exc:
+        return fail(f"--engine-combo: {exc}")
+    if engines and engine_combo[0] * engine_combo[1] > len(topology.cpus):
+        return fail(f"--engine-combo {engine_combo[0]}x{engine_combo[1]}: more CPUs than the affinity mask holds")
 
     choice = choose_variants(args.out)
     if args.variants:
@@ -134,7 +151,7 @@ def benchmark(argv=None) -> int:
     print(f"06: {choice.note}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    total = len(names) * len(thread_counts) + len(combos) + args.cold_repeats
+    total = len(names) * len(thread_counts) + len(combos) + args.cold_repeats + len(engines) * args.engine_repeats
     with tqdm(total=total, desc="06 production", unit="step", disable=args.no_progress) as bar:
         latency = sweeps.latency_sweep(settings, topology, bar)
         report.write_text_atomic(args.out / "production_latency_sweep.csv", latency.to_csv(index=False, float_format="%.6g"))
@@ -156,6 +173,19 @@ def benchmark(argv=None) -> int:
                 bar.update()
         cold = pd.DataFrame(cold_rows)
         report.write_text_atomic(args.out / "production_cold_start.csv", cold.to_csv(index=False, float_format="%.6g"))
+        engine_runs = pd.DataFrame()
+        if engines:
+            from common.production.engine_bench import compare_engines
+
+            def engine_log(message: str) -> None:
+                bar.set_postfix_str(message)
+                if message.startswith("engines: repeat") and bar.n < bar.total:
+                    bar.update()
+
+            engine_runs = compare_engines(engines, cases, names[0], *engine_combo, args.engine_repeats, args.warmup,
+                                          topology, args.out, log=engine_log)
+            report.write_text_atomic(args.out / "production_engines.csv",
+                                     engine_runs.to_csv(index=False, float_format="%.6g"))
 
     rec = recommend(latency, throughput, cold, topology, choice, env)
     rows = production_rows(rec, latency, items, cases, env, args.out) if rec else []
@@ -164,7 +194,8 @@ def benchmark(argv=None) -> int:
              "throughput": plot_throughput(throughput, args.out / "production_throughput.png")}
     path = write_report(args.out / "production_report.md", topology=topology, env=env, settings=settings,
                         choice=choice, latency=latency, throughput=throughput, cold=cold, rec=rec,
-                        plots=plots, elapsed_s=time.time() - started)
+                        plots=plots, elapsed_s=time.time() - started,
+                        extra_sections=[engines_markdown(engine_runs)] if engines else [])
     report.write_text_atomic(args.out / report.PRODUCTION_RECOMMENDATION,
                              recommendation_markdown(rec, settings))
     summary = report.write_summary(args.out, env)
@@ -176,6 +207,9 @@ def benchmark(argv=None) -> int:
         errors += [f"throughput {r.workers}x{r.threads}: {r.message}" for r in throughput.itertuples()
                    if r.status in ("error", "partial")]
     errors += [f"cold start: {r['error']}" for r in cold_rows if r["status"] != "ok"]
+    if not engine_runs.empty:
+        errors += [f"engines {r.engine} repeat {r.repeat + 1}: {r.error}" for r in engine_runs.itertuples()
+                   if r.status != "ok"]
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     if rec:

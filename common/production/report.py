@@ -75,7 +75,8 @@ def plot_throughput(table: pd.DataFrame, path: Path) -> Path | None:
 
 def write_report(path: Path, *, topology: Topology, env: dict, settings: Settings, choice: VariantChoice,
                  latency: pd.DataFrame, throughput: pd.DataFrame, cold: pd.DataFrame,
-                 rec: Recommendation | None, plots: dict, elapsed_s: float) -> Path:
+                 rec: Recommendation | None, plots: dict, elapsed_s: float,
+                 extra_sections: list[str] = ()) -> Path:
     from common.model.weights import weights_banner
     from common.reports.report import write_text_atomic
 
@@ -147,6 +148,8 @@ def write_report(path: Path, *, topology: Topology, env: dict, settings: Setting
                          f"{number(r.get('startup_imports_s'))} | {number(r.get('session_s'))} | {number(r.get('segment_s'))} | "
                          f"{r['status']}{': ' + r['error'] if r.get('error') else ''} |")
         lines += ["", f"Command: `{cold.iloc[0]['command']}`"]
+    for section in extra_sections:  # e.g. the --engines comparison (engine_bench.engines_markdown)
+        lines += ["", section.rstrip()]
     lines += ["", "## Files", "",
               "- `production_results.csv`: the recommended configuration's per-case runs (SUMMARY.md row)",
               "- `production_latency_sweep.csv`, `production_throughput_sweep.csv`, `production_throughput_items.csv`, "

@@ -95,12 +95,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="inference threads (default: CPUs in the affinity mask, after --cpus)")
     parser.add_argument("--cpus", default=None, help="pin this process to these CPUs first, e.g. 0-3 or 0,2")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = parser.add_argument_group("cohorts on Ray (--engine ray; see the README's 'Cohorts on Ray')")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="local: this process, one case after another (default); ray: long-lived pinned "
+                          "workers on an embedded Ray instance or the cluster at --address")
+    ray.add_argument("--address", default=None,
+                     help="HOST:PORT of a running Ray cluster's head (default: $RAY_ADDRESS, else an embedded "
+                          "local instance)")
+    ray.add_argument("--workers", type=int, default=None,
+                     help="Ray workers (actors), each --threads CPUs (default: the cluster's CPUs // threads)")
+    ray.add_argument("--resume", action="store_true",
+                     help="keep outputs finished by an earlier run whose input still has the same content "
+                          "(SHA-256 in OUT/segment_manifest.jsonl); redo the rest")
+    ray.add_argument("--worker-memory-mb", type=float, default=None,
+                     help="memory each worker declares to Ray (default: 06's measured peak RSS per worker + 15%%)")
+    ray.add_argument("--no-prefetch", action="store_true", help="do not read the next case during the network")
+    ray.add_argument("--results-csv", type=Path, default=None,
+                     help="per-case results (default: OUT/segment_results.csv)")
     parser.add_argument("--timings-json", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.engine == "ray":
+        from common.production.segment_ray import segment_on_ray
+
+        return segment_on_ray(args)
+    ray_only = [flag for flag, value in (("--address", args.address), ("--workers", args.workers),
+                                         ("--resume", args.resume), ("--worker-memory-mb", args.worker_memory_mb),
+                                         ("--results-csv", args.results_csv)) if value]
+    if ray_only:
+        print(f"error: {', '.join(ray_only)} need --engine ray", file=sys.stderr)
+        return 2
 
     from common.production.topology import format_cpu_list, parse_cpu_list
 
