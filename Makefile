@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Quick by default: the first 2 manifest cases in 03/04, the first in 05 (five variants); FULL=1 runs every
+# Quick by default: the first 2 manifest cases in 03/04, the first in 05 (seven variants); FULL=1 runs every
 # case and variant with a warm-up and 3 repeats.
 ifeq ($(FULL),1)
 BENCH_ARGS ?= --repeats 3 --warmup 1
@@ -11,7 +11,7 @@ OPT_ARGS   ?=
 PROD_ARGS  ?= --max-cases 3 --repeats 3
 else
 BENCH_ARGS ?= --repeats 1 --warmup 0 --max-cases 2
-OPT_ARGS   ?= --max-cases 1 --variants ort_tuned_fast,ov_f32_exact,ov_f32_fast,ov_bf16_fast,ov_bf16_whole
+OPT_ARGS   ?= --max-cases 1 --variants ort_tuned_fast,ov_f32_exact,ov_f32_fast,ov_bf16_fast,ov_bf16_bodycrop,ov_bf16_whole,ov_int8_whole
 PROD_ARGS  ?=
 endif
 
