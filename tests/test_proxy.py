@@ -121,8 +121,8 @@ def test_totalsegmentator_runs_on_the_proxy_folder(proxy_home, shared_data, tmp_
 
     _, home = proxy_home
     out = tmp_path / "seg.nii.gz"
-    code = ("import sys; from common.harness.vanilla import run_vanilla; "
-            "run_vanilla(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
+    code = ("import sys; from pathlib import Path; from common.harness.vanilla import run_vanilla; "
+            "run_vanilla(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))")
     env = {**os.environ, "TOTALSEG_HOME_DIR": str(home)}
     subprocess.run([sys.executable, "-c", code, str(shared_data / "example_ct_sm.nii.gz"), str(out), str(threads)],
                    cwd=ROOT, env=env, check=True, timeout=900)
