@@ -1,8 +1,9 @@
 """Segment mode: the study's winner as a tool.
 
     python 06_linux_production_benchmark.py segment IN.nii.gz [IN2 ... | FOLDER ...] -o OUT_DIR
-        [--variant NAME] [--threads N] [--cpus LIST]
+        [--variant NAME] [--threads N] [--cpus LIST] [--engine ray [--address HOST:PORT] [--workers W] [--resume]]
 
+``--engine ray`` hands the cohort to common.production.segment_ray (Ray actors; README "Cohorts on Ray").
 Writes one TotalSegmentator-compatible multilabel NIfTI per input (uint8, the input's grid, affine
 and header) as ``OUT_DIR/<input name>.nii.gz``, written under a temporary name and renamed when
 complete. A bad input costs one ``error: <file>: <reason>`` line; the others go on; the exit code
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pipeline variant (default: the best exact variant in benchmarks/onnx_optimized_"
                              "results.csv, else ort_default)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="inference threads (default: CPUs in the affinity mask, after --cpus)")
+                        help="inference threads (default: CPUs in the affinity mask, after --cpus; with --engine ray: "
+                             "threads per worker, default 1)")
     parser.add_argument("--cpus", default=None, help="pin this process to these CPUs first, e.g. 0-3 or 0,2")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ray = parser.add_argument_group("cohorts on Ray (--engine ray; see the README's 'Cohorts on Ray')")
