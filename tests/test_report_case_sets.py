@@ -29,3 +29,23 @@ def test_each_table_holds_one_case_set_with_vanilla_restricted_to_it(tmp_path):
     frame.to_csv(tmp_path / "x_results.csv", index=False)
     text = report.write_summary(tmp_path).read_text()
     assert text.count("### Cases:") == 3 and "### Cases: a, b" in text and "### Cases: c" in text
+
+
+def test_approximate_verdicts_follow_dice_vs_vanilla_and_never_judge_random_weights(monkeypatch):
+    from common.reports import optimized_report
+
+    summary = pd.DataFrame([
+        {"variant": "whole", "tier": "approximate", "median_s": 4.0, "speedup": 33.8, "parity_agreement": 0.985,
+         "parity_dice": 0.67},
+        {"variant": "tiles_bf16", "tier": "approximate", "median_s": 15.0, "speedup": 8.6, "parity_agreement": 0.9996,
+         "parity_dice": 0.991},
+        {"variant": "exact", "tier": "exact", "median_s": 29.0, "speedup": 4.6, "parity_agreement": 1.0,
+         "parity_dice": 1.0}])
+    monkeypatch.setattr(optimized_report, "_stand_in", lambda: False)
+    text = "\n".join(optimized_report.verdict_lines(summary))
+    assert "| whole | 33.80x | 0.98500 | 0.6700 | drifts" in text and "| tiles_bf16 | 8.60x" in text
+    assert "kept (Dice >= 0.99)" in text and "**not met**" in text and "| exact |" not in text
+    summary.loc[0, "parity_dice"] = 0.995
+    assert "**met** by whole" in "\n".join(optimized_report.verdict_lines(summary))
+    monkeypatch.setattr(optimized_report, "_stand_in", lambda: True)
+    assert "Not judged" in "\n".join(optimized_report.verdict_lines(summary))
