@@ -214,3 +214,6 @@ def test_engines_section_overhead_and_projection():
     assert "median 4.0 s" in text and "700 MB RSS" in text
     # 195 cases/hour per worker, 2 per node; 10 nodes: 3900 cases/hour x 42 MB / 3600 s = 45.5 MB/s
     assert "| 10 | 20 | 3900 | 1.3 | 45.50 |" in text
+    rows[0]["steady_cases_per_hour"] = 100.0  # one local repeat 4x slower: a busy machine, no verdict
+    text = engines_markdown(pd.DataFrame(rows))
+    assert "Not conclusive" in text and "Under 3 %" not in text

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 NODE_COUNTS = (1, 2, 5, 10)
+NOISY_SPREAD = 1.5  # an engine's fastest repeat over its slowest, beyond which no verdict is drawn
 
 
 def cohort(cases: list, workers: int, out_dir: Path, engine: str, repeat: int) -> list[tuple[str, str, str]]:
@@ -117,7 +118,7 @@ def engines_markdown(frame: pd.DataFrame) -> str:
                      f"{_f(r.get('steady_cases_per_hour'), 0)} | "
                      f"{_f(r.get('startup_s')) if r['engine'] != 'local' else '–'} | "
                      f"{_f(r.get('ray_rss_mb'), 0) if r['engine'] != 'local' else '–'} | "
-                     f"{r['status']}{': ' + r['error'] if r.get('error') else ''} |")
+                     f"{r['status']}{': ' + r['error'] if isinstance(r.get('error'), str) and r['error'] else ''} |")
     ok = frame[frame.status == "ok"]
     med = ok.groupby("engine")[["cases_per_hour", "steady_cases_per_hour"]].median() if not ok.empty else None
     lines += ["", "Cohort wall = the engine's call, workers' start, pipeline build and warm-up included (Ray's "
@@ -129,8 +130,14 @@ def engines_markdown(frame: pd.DataFrame) -> str:
                          f"{100 * (local - ray) / local:+.1f} % of the local pool's throughput.")
         overhead = 100 * (med.loc["local", "steady_cases_per_hour"] - med.loc["ray", "steady_cases_per_hour"]) \
             / med.loc["local", "steady_cases_per_hour"]
-        lines.append("- " + ("Under 3 %: one engine would be enough." if overhead < 3 else
-                             "3 % or more: the local pool stays the default on one machine."))
+        spread = ok.groupby("engine").steady_cases_per_hour.agg(lambda v: v.max() / v.min() if len(v) > 1 else 1.0)
+        if spread.max() > NOISY_SPREAD:
+            lines.append(f"- **Not conclusive:** one engine's repeats differ by {spread.max():.1f}x (more than "
+                         f"{NOISY_SPREAD}x): the machine was not quiet. Rerun on an otherwise idle machine before "
+                         "choosing an engine by these numbers.")
+        else:
+            lines.append("- " + ("Under 3 %: one engine would be enough." if overhead < 3 else
+                                 "3 % or more: the local pool stays the default on one machine."))
     if med is not None and {"ray", "ray-noprefetch"} <= set(med.index):
         gain = 100 * (med.loc["ray", "steady_cases_per_hour"] / med.loc["ray-noprefetch", "steady_cases_per_hour"] - 1)
         load = ok[ok.engine == "ray-noprefetch"].load_s.median()
