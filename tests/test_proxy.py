@@ -37,10 +37,30 @@ def offline(monkeypatch):
     monkeypatch.setattr(weights, "WEIGHTS_URL", f"http://127.0.0.1:{_closed_port()}/Dataset297.zip")
 
 
+def _restore_home(saved: str | None) -> None:
+    if saved is None:
+        os.environ.pop("TOTALSEG_HOME_DIR", None)
+    else:
+        os.environ["TOTALSEG_HOME_DIR"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _keep_totalseg_home():
+    """ensure_weights(home=...) points TOTALSEG_HOME_DIR at that home: later tests' vanilla runs must not
+    follow it into a deleted temporary folder (TotalSegmentator would then try to download)."""
+    saved = os.environ.get("TOTALSEG_HOME_DIR")
+    yield
+    _restore_home(saved)
+
+
 @pytest.fixture(scope="module")
 def proxy_home(tmp_path_factory):
+    saved = os.environ.get("TOTALSEG_HOME_DIR")
     home = tmp_path_factory.mktemp("proxy_home")
-    return weights.ensure_weights("proxy", home), home
+    try:
+        return weights.ensure_weights("proxy", home), home
+    finally:
+        _restore_home(saved)
 
 
 def test_committed_proxy_matches_its_sha256_and_is_float16():

@@ -106,7 +106,8 @@ def test_bad_input_one_error_line_others_complete(tmp_path, monkeypatch, capsys)
 
 def test_interrupted_cohort_resumes_by_content_hash(tmp_path):
     env = {**os.environ, **fake_env(tmp_path, delay=1.0)}
-    inputs = write_inputs(tmp_path / "in", [f"case{i}" for i in range(6)])
+    # 16 one-second cases on 2 workers: the Ctrl-C below lands mid-cohort even on a loaded machine
+    inputs = write_inputs(tmp_path / "in", [f"case{i:02d}" for i in range(16)])
     out = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), "segment", str(tmp_path / "in"), "-o", str(out), *RAY_ARGS]
     proc = subprocess.Popen(command, env=env, cwd=paths.REPO_ROOT, stderr=subprocess.PIPE, text=True)
