@@ -110,7 +110,10 @@ def test_interrupted_cohort_resumes_by_content_hash(tmp_path):
     inputs = write_inputs(tmp_path / "in", [f"case{i:02d}" for i in range(16)])
     out = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), "segment", str(tmp_path / "in"), "-o", str(out), *RAY_ARGS]
-    proc = subprocess.Popen(command, env=env, cwd=paths.REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a runner started in the background (nohup, `cmd &`) hands its children
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen(command, env=env, cwd=paths.REPO_ROOT, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(read_manifest(out)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
