@@ -26,7 +26,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+from common.core.env import THREAD_ENV
+from common.harness.workers import peak_rss_mb
+
 REAL_PIPELINE = "common.production.ray_worker:real_pipeline"
 
 
@@ -88,18 +90,6 @@ def file_sha256(path: str | os.PathLike) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak RSS in MB (VmHWM)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _lock_path(cpu: int) -> Path:
     return Path(tempfile.gettempdir()) / f"tsbench-ray-{os.getuid()}-cpu{cpu}.lock"
 
@@ -149,7 +139,7 @@ class SegmentWorker:
         t0 = time.perf_counter()
         self.cpus, self._locks = claim_cpus(threads)
         os.sched_setaffinity(0, self.cpus)  # before the runtime starts its thread pool
-        for name in THREAD_ENV_VARS:
+        for name in THREAD_ENV:
             os.environ[name] = str(threads)
         self.threads = threads
         self.pipeline = load_factory(factory)(variant, threads)
