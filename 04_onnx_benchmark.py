@@ -24,7 +24,7 @@ def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
     if "onnx" in impls or "rust" in impls:  # both load models/totalseg_fast.onnx
         check_current_model()
     if "onnx" in impls:
-        runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads))
+        runners.append(make_pipeline_runner("onnx_baseline", get_variant("exact_ort_default"), threads))
     if "torch" in impls:
         twin = Variant("torch_network", "exact", "torch", "the same pipeline, network run by torch")
         runners.append(make_pipeline_runner("torch_twin", twin, threads))

@@ -2,7 +2,7 @@
 """05: optimized variants of the `--fast` pipeline, exact and approximate tiers, with their drift from vanilla.
 
 A variant is a named configuration in common/variants/table.py (runtime + options + pipeline settings).
-`--list-variants` prints them; `--variants a,b,c` picks some (default: all but `ort_default`, which is
+`--list-variants` prints them; `--variants a,b,c` picks some (default: all but `exact_ort_default`, which is
 the `onnx_baseline` row). `--with-vanilla` / `--with-baseline` interleave TotalSegmentator itself and the
 default ONNX Runtime pipeline in the same run, so every speedup is a ratio measured in one run. Each
 variant runs in a worker process of its own (started before each timed run, stopped after it), so its
@@ -43,7 +43,7 @@ def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseli
     if with_vanilla:
         runners.append(vanilla_runner(threads))
     if with_baseline:
-        runners.append(make_pipeline_runner("onnx_baseline", get_variant("ort_default"), threads, isolated=True))
+        runners.append(make_pipeline_runner("onnx_baseline", get_variant("exact_ort_default"), threads, isolated=True))
     if calibrate and any(get_variant(n).backend_options.get("model") == "int8" for n in names):
         try:
             from common.model.quantize import ensure_int8_model
@@ -70,13 +70,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_args(parser)
     parser.add_argument("--list-variants", action="store_true", help="print the variants and exit")
-    parser.add_argument("--variants", default="", help="comma-separated variant names (default: all but ort_default)")
+    parser.add_argument("--variants", default="", help="comma-separated variant names (default: all but exact_ort_default)")
     parser.add_argument("--with-vanilla", action="store_true", help="interleave vanilla TotalSegmentator runs")
     parser.add_argument("--with-baseline", action="store_true", help="interleave the default ORT pipeline")
     parser.add_argument("--calibrate", action="store_true", help="(re)build the INT8 model and exit")
     parser.add_argument("--no-peak", action="store_true", help="skip the machine-peak GFLOP/s microbenchmark")
     args = parser.parse_args(argv)
-    from common.variants.table import VARIANTS
+    from common.variants.table import RENAMED, VARIANTS, variant_name
 
     if args.list_variants:
         print(list_variants())
@@ -86,8 +86,9 @@ def main(argv=None) -> int:
         build_int8_model()
         return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()] or \
-        [n for n in VARIANTS if n != "ort_default"]
-    unknown = [n for n in names if n not in VARIANTS]
+        [n for n in VARIANTS if n != "exact_ort_default"]
+    unknown = [n for n in names if n not in VARIANTS and n not in RENAMED]
+    names = [variant_name(n) for n in names if n not in unknown]
     if unknown:
         parser.error(f"unknown variants {', '.join(unknown)} (see --list-variants)")
     runners, notes = prepare_runners(

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "for every swept T)")
     parser.add_argument("--variants", default="",
                         help="variants to sweep, comma-separated (default: best exact and best approximate "
-                             "from 05's results, else ort_default); the first one is used for the throughput sweep")
+                             "from 05's results, else exact_ort_default); the first one is used for the throughput sweep")
     parser.add_argument("--cold-repeats", type=int, default=1, help="cold starts to measure (default: %(default)s)")
     parser.add_argument("--memory-limit-mb", type=float, default=None,
                         help="memory available to workers (default: what the OS reports available); a W that "
@@ -78,28 +78,21 @@ def select_cases(args) -> list:
     return cases
 
 
-def benchmark(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.cold_repeats < 0 or args.max_threads < 0:
-        return fail("--repeats must be >= 1, --warmup, --cold-repeats and --max-threads >= 0")
-    started = time.time()
+class UsageError(Exception):
+    """A bad option or an unusable models/ folder: one `error:` line and exit code 2."""
 
-    import pandas as pd
-    from tqdm import tqdm
 
-    from common.core.env import environment_record
+def plan_run(args) -> dict:
+    """What to sweep: topology, thread counts, W x T combos, engines, variants (UsageError if unusable)."""
+    from common.model.onnx_meta import check_current_model
     from common.model.weights import WeightsError
     from common.production import sweeps
     from common.production.choice import choose_variants
-    from common.production.cold_start import cold_start
-    from common.production.engine_bench import engines_markdown
-    from common.production.recommend import production_rows, recommend, reproduce_lines
-    from common.production.report import plot_latency, plot_throughput, recommendation_markdown, write_report
-    from common.production.topology import plan_worker_cpusets, read_topology
-    from common.reports import report
-    from common.model.onnx_meta import check_current_model
+    from common.production.topology import read_topology
     from common.variants.table import get_variant
 
+    if args.repeats < 1 or args.warmup < 0 or args.cold_repeats < 0 or args.max_threads < 0:
+        raise UsageError("--repeats must be >= 1, --warmup, --cold-repeats and --max-threads >= 0")
     topology = read_topology()
     n_cpus = min(args.max_threads or len(topology.cpus), len(topology.cpus))
     try:
@@ -108,20 +101,21 @@ def benchmark(argv=None) -> int:
         combos = sweeps.parse_combos(args.combos) if args.combos \
             else sweeps.default_combos(thread_counts, n_cpus)
     except ValueError as exc:
-        return fail(str(exc))
+        raise UsageError(str(exc)) from None
     bad = [t for t in thread_counts if t < 1 or t > len(topology.cpus)]
     if bad:
-        return fail(f"thread counts {bad} outside 1..{len(topology.cpus)} (CPUs in the affinity mask)")
+        raise UsageError(f"thread counts {bad} outside 1..{len(topology.cpus)} (CPUs in the affinity mask)")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if set(engines) - {"local", "ray", "ray-noprefetch"} or args.engine_repeats < 1:
-        return fail(f"--engines takes local, ray, ray-noprefetch (got {args.engines!r}); --engine-repeats must be >= 1")
+        raise UsageError(f"--engines takes local, ray, ray-noprefetch (got {args.engines!r}); "
+                         "--engine-repeats must be >= 1")
     try:
         engine_combo = sweeps.parse_combos(args.engine_combo)[0] if args.engine_combo \
             else max(combos, key=lambda wt: (-wt[1], wt[0]))
     except (ValueError, IndexError) as exc:
-        return fail(f"--engine-combo: {exc}")
+        raise UsageError(f"--engine-combo: {exc}") from None
     if engines and engine_combo[0] * engine_combo[1] > len(topology.cpus):
-        return fail(f"--engine-combo {engine_combo[0]}x{engine_combo[1]}: more CPUs than the affinity mask holds")
+        raise UsageError(f"--engine-combo {engine_combo[0]}x{engine_combo[1]}: more CPUs than the affinity mask holds")
 
     choice = choose_variants(args.out)
     if args.variants:
@@ -130,37 +124,40 @@ def benchmark(argv=None) -> int:
     else:
         names = [choice.exact] + ([choice.approximate] if choice.approximate else [])
     try:
-        tiers = {name: get_variant(name).tier for name in names}
-    except KeyError as exc:
-        return fail(exc.args[0])
-    try:
+        tiers = {get_variant(name).name: get_variant(name).tier for name in names}
         check_current_model()
+    except KeyError as exc:
+        raise UsageError(exc.args[0]) from None
     except WeightsError as exc:
-        return fail(str(exc))
+        raise UsageError(str(exc)) from None
+    return dict(topology=topology, n_cpus=n_cpus, thread_counts=thread_counts, combos=combos, engines=engines,
+                engine_combo=engine_combo, choice=choice, names=list(tiers), tiers=tiers)
 
-    cases = select_cases(args)
-    env = environment_record(n_cpus)
-    settings = sweeps.Settings(variants=names, tiers=tiers, cases=cases, thread_counts=thread_counts,
-                               combos=combos, repeats=args.repeats, warmup=args.warmup,
-                               cold_repeats=args.cold_repeats, out_dir=args.out,
-                               available_mb=args.memory_limit_mb, progress=not args.no_progress)
-    print(f"06: {len(topology.cpus)} CPUs ({topology.model_name}), {len(topology.l3_domains)} L3 domain(s), "
-          f"{len(topology.numa_nodes)} NUMA node(s); variants {', '.join(names)}; threads {thread_counts}; "
-          f"W x T {', '.join(f'{w}x{t}' for w, t in combos)}; cases {', '.join(c.case_id for c in cases)}",
-          file=sys.stderr)
-    print(f"06: {choice.note}", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
 
-    total = len(names) * len(thread_counts) + len(combos) + args.cold_repeats + len(engines) * args.engine_repeats
+def measure(args, plan: dict, settings) -> dict:
+    """The sweeps, in order, each CSV written as soon as it is measured: latency, throughput, cold start, engines."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from common.production import sweeps
+    from common.production.cold_start import cold_start
+    from common.production.topology import plan_worker_cpusets
+    from common.reports import report
+
+    topology, names, cases, engines = plan["topology"], plan["names"], settings.cases, plan["engines"]
+
+    def write_csv(frame, name: str) -> None:
+        report.write_text_atomic(args.out / name, frame.to_csv(index=False, float_format="%.6g"))
+
+    total = len(names) * len(plan["thread_counts"]) + len(plan["combos"]) + args.cold_repeats \
+        + len(engines) * args.engine_repeats
     with tqdm(total=total, desc="06 production", unit="step", disable=args.no_progress) as bar:
         latency = sweeps.latency_sweep(settings, topology, bar)
-        report.write_text_atomic(args.out / "production_latency_sweep.csv", latency.to_csv(index=False, float_format="%.6g"))
+        write_csv(latency, "production_latency_sweep.csv")
         throughput, items = sweeps.throughput_sweep(settings, topology, names[0], latency, bar,
                                                     log=lambda m: bar.write(m, file=sys.stderr))
-        report.write_text_atomic(args.out / "production_throughput_sweep.csv",
-                                 throughput.to_csv(index=False, float_format="%.6g"))
-        report.write_text_atomic(args.out / "production_throughput_items.csv",
-                                 items.to_csv(index=False, float_format="%.6g"))
+        write_csv(throughput, "production_throughput_sweep.csv")
+        write_csv(items, "production_throughput_items.csv")
         table = sweeps.latency_table(latency) if not latency.empty else pd.DataFrame()
         cold_rows = []
         ok_lat = table[(table.status == "ok") & (table.variant == names[0])] if not table.empty else table
@@ -172,7 +169,7 @@ def benchmark(argv=None) -> int:
                 cold_rows.append(cold_start(cases[0], names[0], int(best.threads), cpus, args.out))
                 bar.update()
         cold = pd.DataFrame(cold_rows)
-        report.write_text_atomic(args.out / "production_cold_start.csv", cold.to_csv(index=False, float_format="%.6g"))
+        write_csv(cold, "production_cold_start.csv")
         engine_runs = pd.DataFrame()
         if engines:
             from common.production.engine_bench import compare_engines
@@ -182,34 +179,74 @@ def benchmark(argv=None) -> int:
                 if message.startswith("engines: repeat") and bar.n < bar.total:
                     bar.update()
 
-            engine_runs = compare_engines(engines, cases, names[0], *engine_combo, args.engine_repeats, args.warmup,
-                                          topology, args.out, log=engine_log)
-            report.write_text_atomic(args.out / "production_engines.csv",
-                                     engine_runs.to_csv(index=False, float_format="%.6g"))
+            engine_runs = compare_engines(engines, cases, names[0], *plan["engine_combo"], args.engine_repeats,
+                                          args.warmup, topology, args.out, log=engine_log)
+            write_csv(engine_runs, "production_engines.csv")
+    return dict(latency=latency, throughput=throughput, items=items, table=table, cold=cold,
+                engine_runs=engine_runs)
 
-    rec = recommend(latency, throughput, cold, topology, choice, env)
-    rows = production_rows(rec, latency, items, cases, env, args.out) if rec else []
-    report.write_results(rows, report.results_path(args.out, "production"))
-    plots = {"latency": plot_latency(table, args.out / "production_latency.png") if not table.empty else None,
-             "throughput": plot_throughput(throughput, args.out / "production_throughput.png")}
-    path = write_report(args.out / "production_report.md", topology=topology, env=env, settings=settings,
-                        choice=choice, latency=latency, throughput=throughput, cold=cold, rec=rec,
-                        plots=plots, elapsed_s=time.time() - started,
-                        extra_sections=[engines_markdown(engine_runs)] if engines else [])
-    report.write_text_atomic(args.out / report.PRODUCTION_RECOMMENDATION,
-                             recommendation_markdown(rec, settings))
-    summary = report.write_summary(args.out, env)
 
+def failures(measured: dict) -> list[str]:
+    """One line per failed point of every sweep (printed as `error:` lines; any makes the exit code 1)."""
+    latency, throughput, cold, engine_runs = (measured[k] for k in ("latency", "throughput", "cold", "engine_runs"))
     errors = []
     if not latency.empty:
         errors += [f"latency {r.variant} T={r.threads}: {r.error}" for r in latency.itertuples() if r.status != "ok"]
     if not throughput.empty:
         errors += [f"throughput {r.workers}x{r.threads}: {r.message}" for r in throughput.itertuples()
                    if r.status in ("error", "partial")]
-    errors += [f"cold start: {r['error']}" for r in cold_rows if r["status"] != "ok"]
+    if not cold.empty:
+        errors += [f"cold start: {r.error}" for r in cold.itertuples() if r.status != "ok"]
     if not engine_runs.empty:
         errors += [f"engines {r.engine} repeat {r.repeat + 1}: {r.error}" for r in engine_runs.itertuples()
                    if r.status != "ok"]
+    return errors
+
+
+def benchmark(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    try:
+        plan = plan_run(args)
+    except UsageError as exc:
+        return fail(str(exc))
+
+    from common.core.env import environment_record
+    from common.production import sweeps
+    from common.production.engine_bench import engines_markdown
+    from common.production.recommend import production_rows, recommend, reproduce_lines
+    from common.production.report import plot_latency, plot_throughput, recommendation_markdown, write_report
+    from common.reports import report
+
+    topology, names, choice = plan["topology"], plan["names"], plan["choice"]
+    cases = select_cases(args)
+    env = environment_record(plan["n_cpus"])
+    settings = sweeps.Settings(variants=names, tiers=plan["tiers"], cases=cases, thread_counts=plan["thread_counts"],
+                               combos=plan["combos"], repeats=args.repeats, warmup=args.warmup,
+                               cold_repeats=args.cold_repeats, out_dir=args.out,
+                               available_mb=args.memory_limit_mb, progress=not args.no_progress)
+    print(f"06: {len(topology.cpus)} CPUs ({topology.model_name}), {len(topology.l3_domains)} L3 domain(s), "
+          f"{len(topology.numa_nodes)} NUMA node(s); variants {', '.join(names)}; threads {plan['thread_counts']}; "
+          f"W x T {', '.join(f'{w}x{t}' for w, t in plan['combos'])}; cases {', '.join(c.case_id for c in cases)}",
+          file=sys.stderr)
+    print(f"06: {choice.note}", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    measured = measure(args, plan, settings)
+    latency, throughput, cold, table = (measured[k] for k in ("latency", "throughput", "cold", "table"))
+
+    rec = recommend(latency, throughput, cold, topology, choice, env)
+    rows = production_rows(rec, latency, measured["items"], cases, env, args.out) if rec else []
+    report.write_results(rows, report.results_path(args.out, "production"))
+    plots = {"latency": plot_latency(table, args.out / "production_latency.png") if not table.empty else None,
+             "throughput": plot_throughput(throughput, args.out / "production_throughput.png")}
+    path = write_report(args.out / "production_report.md", topology=topology, env=env, settings=settings,
+                        choice=choice, latency=latency, throughput=throughput, cold=cold, rec=rec,
+                        plots=plots, elapsed_s=time.time() - started,
+                        extra_sections=[engines_markdown(measured["engine_runs"])] if plan["engines"] else [])
+    report.write_text_atomic(args.out / report.PRODUCTION_RECOMMENDATION, recommendation_markdown(rec, settings))
+    summary = report.write_summary(args.out, env)
+
+    errors = failures(measured)
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     if rec:

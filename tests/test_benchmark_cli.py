@@ -47,7 +47,7 @@ def test_bad_case_becomes_an_error_row_and_the_run_continues(tmp_path, shared_da
     assert stages == pytest.approx(by_case.loc["small", "wall_s"], rel=0.05)
     assert by_case.loc["broken", "status"] == "error" and "not a readable NIfTI" in by_case.loc["broken", "error"]
     assert by_case.loc["missing", "status"] == "error" and "no such file" in by_case.loc["missing", "error"]
-    written = out / "outputs" / "onnx_baseline" / "ort_default"
+    written = out / "outputs" / "onnx_baseline" / "exact_ort_default"
     assert sorted(p.name for p in written.iterdir()) == ["small.nii.gz"]  # nothing half-written for bad cases
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")].__len__() == 2
     summary = (out / "SUMMARY.md").read_text()
@@ -83,11 +83,11 @@ def test_variant_that_fails_to_start_is_an_error_row_and_the_others_run(tmp_path
     manifest = _manifest(tmp_path, [("small", shared_data / "example_ct_sm.nii.gz")])
     out = tmp_path / "bench"
     script = importlib.import_module("05_optimized_python_benchmark")
-    rc = script.main(["--manifest", str(manifest), "--out", str(out), "--variants", "ort_corrupt,ort_tuned",
+    rc = script.main(["--manifest", str(manifest), "--out", str(out), "--variants", "ort_corrupt,exact_ort_tuned",
                       "--no-peak", "--no-progress"])
     assert rc == 1
     rows = pd.read_csv(out / "onnx_optimized_results.csv").set_index("variant")
-    assert rows.loc["ort_tuned", "status"] == "ok" and rows.loc["ort_tuned", "wall_s"] > 0
+    assert rows.loc["exact_ort_tuned", "status"] == "ok" and rows.loc["exact_ort_tuned", "wall_s"] > 0
     assert rows.loc["ort_corrupt", "status"] == "error"
     assert "failed to start" in rows.loc["ort_corrupt", "error"]
     assert "ort_corrupt" in (out / "optimized_report.md").read_text()

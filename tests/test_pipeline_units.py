@@ -157,7 +157,7 @@ def test_threads_setting_reaches_the_numpy_and_native_work(monkeypatch, tmp_path
     from common.model.weights import NUM_CLASSES
     from common.pipeline import resample, sliding_window
     from common.runtime import backends, native_kernels
-    from common.variants.table import FAST, Variant, make_pipeline_runner
+    from common.variants.table import EXACT_STAGES, Variant, make_pipeline_runner
 
     cpus = len(os.sched_getaffinity(0))
     if cpus < 2:
@@ -185,7 +185,7 @@ def test_threads_setting_reaches_the_numpy_and_native_work(monkeypatch, tmp_path
     image = tmp_path / "ct.nii.gz"
     data = np.random.default_rng(0).integers(-1000, 1000, (70, 60, 50)).astype(np.int16)
     nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 2.0, 1.0])), image)
-    variant = Variant("small_tiles", "exact", "fake", "test", {}, replace(FAST, patch=(32, 32, 32)))
+    variant = Variant("small_tiles", "exact", "fake", "test", {}, replace(EXACT_STAGES, patch=(32, 32, 32)))
     for threads in (1, cpus):
         seen.clear()
         make_pipeline_runner("test", variant, threads).run(image, None)

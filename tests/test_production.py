@@ -52,13 +52,13 @@ def test_choose_variants_from_05_results(tmp_path, monkeypatch):
     from common.variants import table as variants
 
     choice = choose_variants(tmp_path)
-    assert (choice.exact, choice.approximate) == ("ort_default", None) and "no 05 results" in choice.note
+    assert (choice.exact, choice.approximate) == ("exact_ort_default", None) and "no 05 results" in choice.note
 
     for name, tier in [("fast_exact_drifts", "exact"), ("slow_exact", "exact"), ("approx", "approximate")]:
         monkeypatch.setitem(variants.VARIANTS, name, variants.Variant(name, tier, "onnxruntime", "test"))
     rows = []
     for variant, tier, wall, parity in [("fast_exact_drifts", "exact", 1.0, 0.990), ("slow_exact", "exact", 3.0, 0.999),
-                                        ("ort_default", "exact", 4.0, 1.0), ("approx", "approximate", 2.0, 0.95),
+                                        ("exact_ort_default", "exact", 4.0, 1.0), ("approx", "approximate", 2.0, 0.95),
                                         ("removed_variant", "approximate", 0.5, 0.9)]:
         for case_id in ("a", "b"):
             rows.append({"implementation": "onnx_optimized", "variant": variant, "tier": tier, "case_id": case_id,
@@ -123,10 +123,10 @@ def test_throughput_two_pinned_workers_two_cases(tmp_path, shared_data, onnx_mod
     """W=2 x T=1 on the two smallest shared CTs: a real queue of pinned workers."""
     topo = read_topology()
     cases = [case("example_ct_sm", shared_data / "example_ct_sm.nii.gz"), case("example_ct", shared_data / "example_ct.nii.gz")]
-    latency, _ = synthetic({1: 10.0}, {}, variant="ort_default")
-    settings = sweeps.Settings(variants=["ort_default"], tiers={"ort_default": "exact"}, cases=cases,
+    latency, _ = synthetic({1: 10.0}, {}, variant="exact_ort_default")
+    settings = sweeps.Settings(variants=["exact_ort_default"], tiers={"exact_ort_default": "exact"}, cases=cases,
                                thread_counts=[1], combos=[(2, 1)], warmup=0, out_dir=tmp_path)
-    combos, items = sweeps.throughput_sweep(settings, topo, "ort_default", latency)
+    combos, items = sweeps.throughput_sweep(settings, topo, "exact_ort_default", latency)
 
     [row] = combos.to_dict("records")
     assert row["status"] == "ok", row
@@ -149,7 +149,7 @@ def test_throughput_two_pinned_workers_two_cases(tmp_path, shared_data, onnx_mod
 def test_cold_start_reports_a_failing_process(tmp_path, onnx_model, threads):
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not a nifti")
-    row = cold_start(case("bad", bad), "ort_default", threads, AFFINITY[:threads], tmp_path)
+    row = cold_start(case("bad", bad), "exact_ort_default", threads, AFFINITY[:threads], tmp_path)
     assert row["status"] == "error" and row["returncode"] == 1
     assert row["error"].startswith(f"error: {bad}: not a readable NIfTI")
     assert row["command"].startswith("taskset -c ") and " segment " in row["command"]

@@ -163,7 +163,7 @@ def test_address_to_nothing_exits_2_quickly(tmp_path):
 
 
 def test_real_pipeline_on_ray(tmp_path, onnx_model, monkeypatch, capsys):
-    """The real pipeline (ort_default, stand-in weights) on a one-tile phantom: the same labels as the local engine."""
+    """The real pipeline (exact_ort_default, stand-in weights) on a one-tile phantom: the same labels as the local engine."""
     from common.data.phantoms import make_phantom
 
     monkeypatch.delenv("TSBENCH_RAY_PIPELINE", raising=False)
@@ -171,11 +171,11 @@ def test_real_pipeline_on_ray(tmp_path, onnx_model, monkeypatch, capsys):
     src = tmp_path / "in" / "phantom.nii.gz"
     src.parent.mkdir()
     nib.save(nib.Nifti1Image(hu, affine), src)
-    rc = segment_main([str(src), "-o", str(tmp_path / "ray"), "--variant", "ort_default", *RAY_ARGS[:-3],
+    rc = segment_main([str(src), "-o", str(tmp_path / "ray"), "--variant", "exact_ort_default", *RAY_ARGS[:-3],
                        "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    rc = segment_main([str(src), "-o", str(tmp_path / "local"), "--variant", "ort_default", "--threads", "1",
+    rc = segment_main([str(src), "-o", str(tmp_path / "local"), "--variant", "exact_ort_default", "--threads", "1",
                        "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     ray_seg, local_seg = nib.load(tmp_path / "ray" / "phantom.nii.gz"), nib.load(tmp_path / "local" / "phantom.nii.gz")

@@ -25,7 +25,7 @@ from common.pipeline.run import STAGES
 from common.runtime.backends import BackendUnavailable
 from common.variants.table import VARIANTS, Variant, make_pipeline_runner
 
-VARIANT = VARIANTS["ort_tuned_fast"]
+VARIANT = VARIANTS["exact_ort_tuned_stages"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_killed_worker_is_one_error_then_a_fresh_worker(isolated, small, tmp_pat
     first = isolated.memory_pid()
     os.kill(first, signal.SIGKILL)
     _wait_dead(first)
-    with pytest.raises(RuntimeError, match=r"ort_tuned_fast died \(exit code -9: killed, out of memory\?\)"):
+    with pytest.raises(RuntimeError, match=r"exact_ort_tuned_stages died \(exit code -9: killed, out of memory\?\)"):
         isolated.run(small, tmp_path / "between.nii.gz")
 
     second = isolated.memory_pid()  # a fresh worker, killed mid-run this time (as by the OOM killer)

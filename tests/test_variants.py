@@ -19,10 +19,10 @@ from common.harness import bench
 from common.pipeline import preprocess, resample, sliding_window
 from common.pipeline.run import PipelineConfig, segment_file
 from common.runtime.backends import Backend, BackendUnavailable
-from common.variants.table import FAST, VARIANTS
+from common.variants.table import EXACT_STAGES, VARIANTS
 
 from parity_bounds import APPROXIMATE_MIN, TWIN_MIN, exact_bound  # noqa: E402
-EXACT = [n for n, v in VARIANTS.items() if v.tier == "exact" and n != "ort_default"]
+EXACT = [n for n, v in VARIANTS.items() if v.tier == "exact" and n != "exact_ort_default"]
 APPROXIMATE = [n for n, v in VARIANTS.items() if v.tier == "approximate"]
 INPUTS = ["example_ct.nii.gz", "example_ct_sm.nii.gz", "lps_anisotropic", "ras_3mm"]
 
@@ -127,8 +127,8 @@ def test_exact_options_give_identical_labels(name, generated_volumes, tmp_path):
     backend = Backend("fake", _fake_predict(NUM_CLASSES, PATCH_SIZE))
     image = generated_volumes[name]
     default = segment_file(image, tmp_path / "default.nii.gz", backend, PipelineConfig())
-    fast = segment_file(image, tmp_path / "fast.nii.gz", backend, FAST)
-    assert FAST.exact
+    fast = segment_file(image, tmp_path / "fast.nii.gz", backend, EXACT_STAGES)
+    assert EXACT_STAGES.exact
     np.testing.assert_array_equal(fast.labels, default.labels)
     assert len(np.unique(default.labels)) > 3
 
@@ -183,7 +183,7 @@ def torch_backend(stand_in, threads):
 def test_torch_twin_of_exact_options(name, shared_data, generated_volumes, torch_backend, vanilla, tmp_path):
     """The exact variants' pipeline options with the network in torch: TotalSegmentator's labels."""
     image = _input(name, shared_data, generated_volumes)
-    agreement, _ = _agreement(image, torch_backend, FAST, vanilla, tmp_path)
+    agreement, _ = _agreement(image, torch_backend, EXACT_STAGES, vanilla, tmp_path)
     assert agreement >= TWIN_MIN, f"{name}: exact options changed the pipeline ({agreement:.6f})"
 
 
@@ -269,14 +269,14 @@ def test_whole_volume_needs_its_backend(threads, tmp_path):
     from common.variants.table import Variant
 
     with pytest.raises(ValueError, match="whole_volume backend"):
-        Variant("broken", "approximate", "openvino", "", {"precision": "bf16"}, replace(FAST, whole_volume=True))
+        Variant("broken", "approximate", "openvino", "", {"precision": "bf16"}, replace(EXACT_STAGES, whole_volume=True))
     labels_only = Backend("fake", None, labels_any=lambda volume: np.zeros(volume.shape, np.uint8))
     image = tmp_path / "small.nii.gz"
     import nibabel as nib
 
     nib.save(nib.Nifti1Image(np.zeros((40, 40, 30), np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), image)
     with pytest.raises(ValueError, match="whole-volume labels: no tiles"):
-        segment_file(image, None, labels_only, FAST)
+        segment_file(image, None, labels_only, EXACT_STAGES)
 
 
 def test_missing_runtime_is_skipped_not_crashed(monkeypatch, onnx_model, threads):
@@ -285,10 +285,10 @@ def test_missing_runtime_is_skipped_not_crashed(monkeypatch, onnx_model, threads
 
     monkeypatch.setitem(sys.modules, "openvino", None)
     script = importlib.import_module("05_optimized_python_benchmark")
-    runners, notes = script.make_runners(["ov_f32_fast", "ort_tuned"], threads, False, False, calibrate=False)
+    runners, notes = script.make_runners(["approx_ov_f32_onepass_norm", "exact_ort_tuned"], threads, False, False, calibrate=False)
     try:
-        assert [r.variant for r in runners] == ["ort_tuned"]
-        assert any("ov_f32_fast" in n and "skipped" in n and "openvino not installed" in n for n in notes)
+        assert [r.variant for r in runners] == ["exact_ort_tuned"]
+        assert any("approx_ov_f32_onepass_norm" in n and "skipped" in n and "openvino not installed" in n for n in notes)
     finally:
         for runner in runners:
             runner.close()

@@ -23,3 +23,19 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     reason = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
     return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+def case_error(exc: BaseException, path, limit: int = 300) -> str:
+    """Why one case failed, for `error: <path>: <reason>`: the message without the path prefix that
+    common.core.io puts in front of its own messages; an InputError (a bad file) without its type name."""
+    from pathlib import Path
+
+    from common.core.io import InputError
+
+    text = (str(exc).strip().splitlines() or [""])[0]
+    for prefix in (f"{path}: ", f"{Path(path).absolute()}: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    if not isinstance(exc, InputError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -29,9 +29,9 @@ class PipelineConfig:
     resample_order: int = 1
     # Exact tier: the same labels as the defaults, computed with less memory traffic.
     lean_load: bool = False        # keep integer voxels as stored (no float64 copy); zoom reads them as double
-    fast_resample: bool = False    # labels back to the input grid by per-axis index maps (scipy's own rounding)
+    index_map_resample: bool = False    # labels back to the input grid by per-axis index maps (scipy's own rounding)
     fused_normalize: bool = False  # crop + clip + normalize + pad into one float32 buffer
-    fast_accumulate: bool = False  # per-channel, cache-blocked, threaded float16 accumulation (no f32 copies)
+    f16_accumulate: bool = False  # per-channel, cache-blocked, threaded float16 accumulation (no f32 copies)
     chunked_argmax: bool = False   # divide by the weights and argmax slab by slab
     # Approximate tier: changes the math.
     body_crop: bool = False        # run the network only inside the box of voxels > -500 HU
@@ -135,7 +135,7 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
                 on_tile()
         elif backend.predict is None:
             raise ValueError(f"backend {backend.name} was built for whole-volume labels: no tiles")
-        elif config.fast_accumulate:
+        elif config.f16_accumulate:
             logits, weights = sliding_window.sliding_window_accumulate(
                 padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads)
         else:
@@ -149,7 +149,7 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
         del logits, weights
         labels = np.zeros(image.shape, dtype=np.uint8)
         labels[preprocess.bbox_slices(box)] = labels_cropped
-        if config.fast_resample:  # gathered on the (z, y, x) array: (x, y, z) in Fortran order, as NIfTI stores it
+        if config.index_map_resample:  # gathered on the (z, y, x) array: (x, y, z) in Fortran order, as NIfTI stores it
             labels = resample.labels_to_shape_fast(labels, data_ras.shape[::-1]).transpose(2, 1, 0)
         else:
             labels = resample.labels_to_shape(labels.transpose(2, 1, 0), data_ras.shape)

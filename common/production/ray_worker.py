@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from common.core.env import THREAD_ENV
+from common.core.formatting import case_error
 from common.harness.workers import peak_rss_mb
 
 REAL_PIPELINE = "common.production.ray_worker:real_pipeline"
@@ -40,14 +41,6 @@ class RealPipeline:
         from common.variants.table import get_variant
 
         variant = get_variant(variant_name)
-        if variant.backend == "onnxruntime":
-            from common.core import paths
-            from common.model.weights import read_model_info
-            from common.runtime import backends
-
-            info = read_model_info()
-            model = variant.backend_options.get("model_path") or info.get("onnx_path") or paths.ONNX_MODEL
-            backends.check_onnx_matches(Path(model), info.get("checkpoint_sha256"))
         self.variant = variant
         self.backend = make_backend(variant.backend, threads, **variant.backend_options)
 
@@ -120,18 +113,6 @@ def claim_cpus(threads: int) -> tuple[list[int], list[int]]:
                        "by other actors")
 
 
-def _one_line(exc: BaseException, path: str | None = None) -> str:
-    from common.core.io import InputError
-
-    text = (str(exc).strip().splitlines() or [""])[0]
-    for prefix in ((f"{path}: ", f"{Path(path).absolute()}: ") if path else ()):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    if not isinstance(exc, InputError):
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text[:300]
-
-
 class SegmentWorker:
     """Wrapped by ``ray.remote`` in the driver (this module imports no ray)."""
 
@@ -181,7 +162,7 @@ class SegmentWorker:
             row.update(input_sha256=sha, input_bytes=size, load_s=load_s)
         except Exception as exc:  # noqa: BLE001 - one line per bad input
             volume = None
-            row.update(status="error", error=_one_line(exc, input_path))
+            row.update(status="error", error=case_error(exc, input_path))
         if next_input:
             self._next = (next_input, self._pool.submit(self._load, next_input))
         if volume is not None:
@@ -190,7 +171,7 @@ class SegmentWorker:
                 row.update(status="ok", error="", **{k: v for k, v in timings.items() if k != "load_s"})
                 row["output_bytes"] = os.path.getsize(output_path)
             except Exception as exc:  # noqa: BLE001
-                row.update(status="error", error=_one_line(exc, input_path))
+                row.update(status="error", error=case_error(exc, input_path))
         row["end"] = time.time()
         row["peak_rss_mb"] = peak_rss_mb()
         return row

@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from common.core.env import THREAD_ENV
+from common.core.formatting import case_error
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-FALLBACK_VARIANT = "ort_default"
 _T0 = time.time()  # as close to process start as this module can see
 
 
@@ -59,7 +61,9 @@ def output_for(input_path: Path, out_dir: Path) -> Path:
 
 
 def default_variant(out_dir: Path | None = None) -> tuple[str, str]:
-    """(variant name, why): the best exact variant of 05's results, else ort_default."""
+    """(variant name, why): the best exact variant of 05's results, else exact_ort_default."""
+    from common.variants.selection import FALLBACK_VARIANT
+
     try:
         from common.production.choice import choose_variants
 
@@ -67,19 +71,6 @@ def default_variant(out_dir: Path | None = None) -> tuple[str, str]:
         return selection.exact, selection.note
     except Exception as exc:  # noqa: BLE001 - an unreadable results file must not stop segmentation
         return FALLBACK_VARIANT, f"could not read 05 results ({type(exc).__name__}): using {FALLBACK_VARIANT}"
-
-
-def _reason(exc: BaseException, path: Path) -> str:
-    """One line, without the path prefix that common.core.io puts in front of its messages."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    for prefix in (f"{path}: ", f"{path.absolute()}: "):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    from common.core.io import InputError
-
-    if not isinstance(exc, InputError):
-        text = f"{type(exc).__name__}: {text}"
-    return text[:300]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
     parser.add_argument("--variant", default=None,
                         help="pipeline variant (default: the best exact variant in benchmarks/onnx_optimized_"
-                             "results.csv, else ort_default)")
+                             "results.csv, else exact_ort_default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="inference threads (default: CPUs in the affinity mask, after --cpus; with --engine ray: "
                              "threads per worker, default 1)")
@@ -145,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads < 1:
         print(f"error: --threads must be >= 1 (got {threads})", file=sys.stderr)
         return 2
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    for var in THREAD_ENV:
         os.environ[var] = str(threads)
 
     files, errors = expand_inputs(args.inputs)
@@ -165,14 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     imports_done = time.time()
     try:
-        if variant.backend == "onnxruntime":
-            from common.core import paths
-            from common.model.weights import read_model_info
-            from common.runtime import backends
-
-            info = read_model_info()
-            model = variant.backend_options.get("model_path") or info.get("onnx_path") or paths.ONNX_MODEL
-            backends.check_onnx_matches(Path(model), info.get("checkpoint_sha256"))
+        # a stale or missing models/ file is refused by the backend itself (runtime.backends.resolve_model)
         runner = make_pipeline_runner("production", variant, threads)
     except Exception as exc:  # noqa: BLE001 - a setup failure is one line, not a traceback
         print(f"error: cannot build variant {variant.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
@@ -206,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - one line per bad input, then the next one
             failed += 1
-            bar.write(f"error: {path}: {_reason(exc, path)}", file=sys.stderr)
+            bar.write(f"error: {path}: {case_error(exc, path)}", file=sys.stderr)
     bar.close()
     if args.timings_json:
         args.timings_json.write_text(json.dumps({

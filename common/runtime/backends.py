@@ -12,7 +12,6 @@ from typing import Callable
 import numpy as np
 
 from common.core import paths
-from common.model.onnx_meta import check_current_model, onnx_checkpoint_sha  # noqa: F401 (segment_cli's names)
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 
 
@@ -31,14 +30,6 @@ class Backend:
     labels_any: Callable[[np.ndarray], np.ndarray] | None = None
     # True where `predict` returns a buffer the backend reuses: valid only until the next call.
     reuses_output: bool = False
-
-
-def check_onnx_matches(model_path: Path, checkpoint_sha256: str | None) -> None:
-    """segment mode's name (common/production/segment_cli.py) for the one stale-model check: the model the
-    backends load, by the one path rule (onnx_meta.check_current_model). `model_path` (model_info.json's
-    onnx_path: where 02 wrote, possibly another checkout's file) and `checkpoint_sha256` (model_info's own) are
-    not used: checking a file other than the one loaded is the two-path-rules defect of issue 15."""
-    check_current_model()
 
 
 def import_runtime(module: str):

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 PARITY_MIN = 0.997  # exact tier: voxel agreement with vanilla (float rounding only; stand-in weights' near-ties)
-FALLBACK_VARIANT = "ort_default"  # what 06 and segment mode run when no variant passes (ONNX Runtime, default session)
+FALLBACK_VARIANT = "exact_ort_default"  # what 06 and segment mode run when no variant passes (ONNX Runtime, default session)
 TIERS = ("exact", "approximate")
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import sys
 from pathlib import Path
 
 from common.pipeline.run import PipelineConfig
@@ -32,7 +33,7 @@ class Variant:
 
 
 # Exact-tier pipeline options: the same labels as the defaults (tests/test_variants.py checks bit-exactness).
-FAST = PipelineConfig(lean_load=True, fast_resample=True, fused_normalize=True, fast_accumulate=True,
+EXACT_STAGES = PipelineConfig(lean_load=True, index_map_resample=True, fused_normalize=True, f16_accumulate=True,
                       chunked_argmax=True)
 # Denormals-as-zero stays off (the backend's default, written here so the table says it): ORT sets it on the
 # calling thread too, which then changes torch (vanilla, run in the same process) and drifted the reference by
@@ -49,48 +50,64 @@ def _with(config: PipelineConfig, **changes) -> PipelineConfig:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
-    Variant("ort_default", "exact", "onnxruntime", "ONNX Runtime, default session (only threads set)"),
+    Variant("exact_ort_default", "exact", "onnxruntime", "ONNX Runtime, default session (only threads set)"),
     # exact tier
-    Variant("ort_tuned", "exact", "onnxruntime",
+    Variant("exact_ort_tuned", "exact", "onnxruntime",
             "ORT tuned session (sequential, spinning, arena, optimized graph cached; denormals-as-zero off, see ORT_TUNED); "
             "pipeline as vanilla", ORT_TUNED),
-    Variant("ort_tuned_fast", "exact", "onnxruntime",
-            "ORT tuned + reused output buffer + exact fast stages (lean load, index-map resampling back, "
+    Variant("exact_ort_tuned_stages", "exact", "onnxruntime",
+            "ORT tuned + reused output buffer + EXACT_STAGES (lean load, index-map resampling back, "
             "fused normalize/pad, per-channel float16 accumulation, chunked argmax)",
-            {**ORT_TUNED, "reuse_output": True}, FAST),
-    Variant("ov_f32_exact", "exact", "openvino",
+            {**ORT_TUNED, "reuse_output": True}, EXACT_STAGES),
+    Variant("exact_ov_f32", "exact", "openvino",
             "OpenVINO fp32 (INFERENCE_PRECISION_HINT=f32, static shape) on the model with InstanceNorm statistics "
-            "summed in short blocks (common/model/precise_norm.py) + exact fast stages", {**OV_F32, "model": "precise_norm"},
-            FAST),
+            "summed in short blocks (common/model/precise_norm.py) + EXACT_STAGES", {**OV_F32, "model": "precise_norm"},
+            EXACT_STAGES),
     # approximate tier
-    Variant("ov_f32_fast", "approximate", "openvino", "OpenVINO fp32 (INFERENCE_PRECISION_HINT=f32, static shape) "
-            "+ exact fast stages; fp32 math, but OpenVINO's one-pass InstanceNorm sums drift past the exact-tier "
-            "bound on stand-in weights (agreement 0.978-0.994 measured; ov_f32_exact fixes that)", OV_F32, FAST),
-    Variant("ov_bf16_fast", "approximate", "openvino", "OpenVINO bf16 (AMX) + exact fast stages", OV_BF16, FAST),
-    Variant("ov_bf16_step1", "approximate", "openvino", "OpenVINO bf16, tile step 1.0 (less overlap)",
-            OV_BF16, _with(FAST, step=1.0)),
-    Variant("ov_bf16_bodycrop", "approximate", "openvino",
-            "OpenVINO bf16, network only inside the body box (> -500 HU)", OV_BF16, _with(FAST, body_crop=True)),
-    Variant("ov_bf16_whole", "approximate", "openvino",
+    Variant("approx_ov_f32_onepass_norm", "approximate", "openvino", "OpenVINO fp32 (INFERENCE_PRECISION_HINT=f32, static shape) "
+            "+ EXACT_STAGES; fp32 math, but OpenVINO's one-pass InstanceNorm sums drift past the exact-tier "
+            "bound on stand-in weights (agreement 0.978-0.994 measured; exact_ov_f32 fixes that)", OV_F32, EXACT_STAGES),
+    Variant("approx_ov_bf16", "approximate", "openvino", "OpenVINO bf16 (AMX or AVX512-BF16) + EXACT_STAGES", OV_BF16, EXACT_STAGES),
+    Variant("approx_ov_bf16_step1", "approximate", "openvino", "OpenVINO bf16, tile step 1.0 (less overlap)",
+            OV_BF16, _with(EXACT_STAGES, step=1.0)),
+    Variant("approx_ov_bf16_bodycrop", "approximate", "openvino",
+            "OpenVINO bf16, network only inside the body box (> -500 HU)", OV_BF16, _with(EXACT_STAGES, body_crop=True)),
+    Variant("approx_ov_bf16_whole", "approximate", "openvino",
             "OpenVINO bf16, body crop, one whole-volume pass (padded to the stride 16; one model for any shape, "
             "argmax inside it)", {**OV_BF16, "whole_volume": True},
-            _with(FAST, body_crop=True, whole_volume=True)),
-    Variant("ort_int8", "approximate", "onnxruntime",
+            _with(EXACT_STAGES, body_crop=True, whole_volume=True)),
+    Variant("approx_ort_int8", "approximate", "onnxruntime",
             "ONNX Runtime, static QDQ INT8 model (calibrated on phantoms that are not evaluation cases)",
-            {**ORT_TUNED, "reuse_output": True, "model": "int8"}, FAST),
-    Variant("ov_int8_fast", "approximate", "openvino",
-            "OpenVINO running the QDQ INT8 model (VNNI/AMX int8 kernels) + exact fast stages",
-            {**OV_BF16, "model": "int8"}, FAST),
-    Variant("ov_int8_whole", "approximate", "openvino",
+            {**ORT_TUNED, "reuse_output": True, "model": "int8"}, EXACT_STAGES),
+    Variant("approx_ov_int8", "approximate", "openvino",
+            "OpenVINO running the QDQ INT8 model (VNNI/AMX int8 kernels) + EXACT_STAGES",
+            {**OV_BF16, "model": "int8"}, EXACT_STAGES),
+    Variant("approx_ov_int8_whole", "approximate", "openvino",
             "OpenVINO INT8, body crop, one whole-volume pass", {**OV_BF16, "model": "int8", "whole_volume": True},
-            _with(FAST, body_crop=True, whole_volume=True)),
+            _with(EXACT_STAGES, body_crop=True, whole_volume=True)),
 ]}
 
 
-def get_variant(name: str) -> Variant:
+# Names before the tier-first naming (2026-12): still accepted on the command line, with a note.
+RENAMED = {"ort_default": "exact_ort_default", "ort_tuned": "exact_ort_tuned", "ort_tuned_fast": "exact_ort_tuned_stages",
+           "ov_f32_exact": "exact_ov_f32", "ov_f32_fast": "approx_ov_f32_onepass_norm", "ov_bf16_fast": "approx_ov_bf16",
+           "ov_bf16_step1": "approx_ov_bf16_step1", "ov_bf16_bodycrop": "approx_ov_bf16_bodycrop",
+           "ov_bf16_whole": "approx_ov_bf16_whole", "ort_int8": "approx_ort_int8", "ov_int8_fast": "approx_ov_int8",
+           "ov_int8_whole": "approx_ov_int8_whole"}
+
+
+def variant_name(name: str) -> str:
+    """The current name of `name` (an old name is mapped, with a note on stderr); KeyError if unknown."""
+    if name in RENAMED:
+        print(f"note: variant {name} is now called {RENAMED[name]}", file=sys.stderr)
+        name = RENAMED[name]
     if name not in VARIANTS:
         raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+    return name
+
+
+def get_variant(name: str) -> Variant:
+    return VARIANTS[variant_name(name)]
 
 
 def make_pipeline_runner(implementation: str, variant: Variant, threads: int, isolated: bool = False):
