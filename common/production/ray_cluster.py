@@ -128,7 +128,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> Connection:
         return Connection("attached", address, time.perf_counter() - start, notes)
     saved = os.environ.pop("RAY_ADDRESS", None)  # embedded means a new instance, not one found by ray.init
     try:
-        ray.init(num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
+        # address="local": without it ray.init joins a cluster that `ray start` left on this machine
+        # (/tmp/ray/ray_current_cluster) and refuses num_cpus
+        ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
                  object_store_memory=object_store_bytes(), logging_level="ERROR", log_to_driver=False)
     except Exception as exc:  # noqa: BLE001
         raise ClusterError(f"cannot start an embedded Ray instance: {type(exc).__name__}: "
