@@ -6,6 +6,7 @@ test_real_pipeline_on_ray runs the real one on one small phantom and checks it a
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 from common.core import paths
@@ -160,6 +162,49 @@ def test_address_to_nothing_exits_2_quickly(tmp_path):
     [line] = error_lines(proc.stderr)
     assert f"127.0.0.1:{port}" in line and "no Ray cluster" in line
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def listening_sockets(pid: int) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of ``pid`` and its descendants."""
+    found = set()
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for proc in tree:
+        try:
+            name = proc.name()
+            found |= {(name, c.laddr.ip, c.laddr.port) for c in proc.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # exited between the listing and the look
+            continue
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def test_embedded_ray_listens_on_loopback_only(tmp_path):
+    """06 segment --engine ray without --address: every socket Ray's processes listen on is 127.0.0.1 / ::1."""
+    env = {**os.environ, **fake_env(tmp_path, delay=1.0)}
+    env.pop("RAY_ADDRESS", None)
+    write_inputs(tmp_path / "in", [f"case{i}" for i in range(6)])
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                             *RAY_ARGS], env=env, cwd=paths.REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    seen = set()
+    while proc.poll() is None:  # the driver, GCS, raylet, agents and actors come and go: sample throughout
+        seen |= listening_sockets(proc.pid)
+        time.sleep(0.2)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, err
+    names = {name for name, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), seen  # Ray was seen
+    exposed = sorted(s for s in seen if not is_loopback(s[1]))
+    assert not exposed, f"listening beyond localhost: {exposed}"
+    assert "token authentication on" in err
 
 
 def test_real_pipeline_on_ray(tmp_path, onnx_model, monkeypatch, capsys):
