@@ -207,6 +207,26 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
     assert "token authentication on" in err
 
 
+def test_embedded_ray_refuses_a_wrong_token(monkeypatch):
+    """Token authentication stays on in embedded mode: a GCS call with another token is refused."""
+    from common.production import ray_cluster
+
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    connection = ray_cluster.connect(None)
+    probe = ("import sys\nfrom ray._raylet import GcsClient\n"
+             "print(GcsClient(address=sys.argv[1]).internal_kv_keys(b'', None, timeout=10))")
+    try:
+        calls = {token: subprocess.run([sys.executable, "-c", probe, connection.address], capture_output=True,
+                                       text=True, timeout=60, env={**os.environ, "RAY_AUTH_MODE": "token", **extra})
+                 for token, extra in (("same", {}), ("wrong", {"RAY_AUTH_TOKEN": "0" * 32}))}
+    finally:
+        ray_cluster.shutdown(connection)
+    assert connection.address.startswith("127.0.0.1:")
+    assert calls["same"].returncode == 0, calls["same"].stderr
+    assert calls["wrong"].returncode != 0 and "InvalidAuthToken" in calls["wrong"].stderr
+
+
 def test_real_pipeline_on_ray(tmp_path, onnx_model, monkeypatch, capsys):
     """The real pipeline (exact_ort_default, stand-in weights) on a one-tile phantom: the same labels as the local engine."""
     from common.data.phantoms import make_phantom
