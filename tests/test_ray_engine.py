@@ -1,17 +1,22 @@
 """segment --engine ray on a local Ray instance of 2 single-thread workers: an actor killed mid-case, a bad
-input, an interrupted cohort resumed, an address where nothing listens, and the real pipeline end to end.
+input, an interrupted cohort resumed, an address where nothing listens, the embedded
+instance's sockets (loopback only), token and independence from a `ray start` cluster, and the real
+pipeline end to end.
 
 The fault tests run a fast stand-in for the network (tests/ray_fakes.py through TSBENCH_RAY_PIPELINE);
 test_real_pipeline_on_ray runs the real one on one small phantom and checks it against the local engine.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -225,6 +230,71 @@ def test_embedded_ray_refuses_a_wrong_token(monkeypatch):
     assert connection.address.startswith("127.0.0.1:")
     assert calls["same"].returncode == 0, calls["same"].stderr
     assert calls["wrong"].returncode != 0 and "InvalidAuthToken" in calls["wrong"].stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A Ray temp dir of the test's own (short: Ray's socket paths live in it), so that a `ray start` here records
+    its address there, not in /tmp/ray/ray_current_cluster where other Ray users of this machine look."""
+    folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM to the head's processes, as `ray stop` stops them."""
+    try:
+        children = psutil.Process(head.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for child in children:
+        child.terminate()
+    if head.poll() is None:
+        head.terminate()
+
+
+@contextlib.contextmanager
+def ray_head(env: dict):
+    """A local `ray start --head` (token authentication on) in ``env["RAY_TMPDIR"]``; yields (process, GCS port)."""
+    port = free_port()
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+                             "--include-dashboard=false", "--num-cpus=2", "--block"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    recorded = Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"  # written once the head is up
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and head.poll() is None and not recorded.exists():
+            time.sleep(0.5)
+        yield head, port
+    finally:
+        stop_head(head)
+        head.wait(90)  # `ray start --block` stops its processes before it exits
+
+
+def head_env(tmp_path: Path, ray_tmpdir: str) -> dict[str, str]:
+    env = {**os.environ, **fake_env(tmp_path, delay=1.0), "RAY_AUTH_MODE": "token", "RAY_TMPDIR": ray_tmpdir}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_embedded_beside_a_ray_start_cluster(tmp_path, ray_tmpdir, monkeypatch, capsys):
+    """Embedded mode starts its own instance while `ray start` runs here (a plain ray.init joins that cluster)."""
+    env = head_env(tmp_path, ray_tmpdir)
+    for key in (*fake_env(tmp_path), "RAY_TMPDIR"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    write_inputs(tmp_path / "in", ["a", "b"])
+    with ray_head(env) as (_, port):
+        rc = segment_main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), *RAY_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "Ray embedded at 127.0.0.1:" in err and f":{port} " not in err
 
 
 def test_real_pipeline_on_ray(tmp_path, onnx_model, monkeypatch, capsys):

@@ -149,10 +149,12 @@ def connect(address: str | None, num_cpus: int | None = None) -> Connection:
         finally:
             timer.cancel()
         return Connection("attached", address, time.perf_counter() - start, notes)
-    saved = os.environ.pop("RAY_ADDRESS", None)  # embedded means a new instance, not one found by ray.init
+    # Embedded means a new instance: not RAY_ADDRESS's cluster, nor (without address="local") the latest
+    # cluster that `ray start` recorded on this machine in /tmp/ray/ray_current_cluster.
+    saved = os.environ.pop("RAY_ADDRESS", None)
     try:
         with _loopback_node_ip():
-            ray.init(num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
+            ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
                      object_store_memory=object_store_bytes(), logging_level="ERROR", log_to_driver=False,
                      _node_ip_address=LOOPBACK)
     except Exception as exc:  # noqa: BLE001
