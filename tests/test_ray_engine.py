@@ -1,7 +1,7 @@
 """segment --engine ray on a local Ray instance of 2 single-thread workers: an actor killed mid-case, a bad
-input, an interrupted cohort resumed, an address where nothing listens, the embedded
-instance's sockets (loopback only), token and independence from a `ray start` cluster, and the real
-pipeline end to end.
+input, an interrupted cohort resumed, an address where nothing listens, a head stopped mid-cohort, the
+embedded instance's sockets (loopback only), token and independence from a `ray start` cluster, and the
+real pipeline end to end.
 
 The fault tests run a fast stand-in for the network (tests/ray_fakes.py through TSBENCH_RAY_PIPELINE);
 test_real_pipeline_on_ray runs the real one on one small phantom and checks it against the local engine.
@@ -281,6 +281,31 @@ def head_env(tmp_path: Path, ray_tmpdir: str) -> dict[str, str]:
     env = {**os.environ, **fake_env(tmp_path, delay=1.0), "RAY_AUTH_MODE": "token", "RAY_TMPDIR": ray_tmpdir}
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def test_head_stopped_mid_cohort_is_one_error(tmp_path, ray_tmpdir):
+    """--address to a local `ray start --head` that stops mid-cohort: one error line, exit 2, no partial output."""
+    env = head_env(tmp_path, ray_tmpdir)
+    inputs = write_inputs(tmp_path / "in", [f"case{i:02d}" for i in range(24)])
+    out = tmp_path / "out"
+    with ray_head(env) as (head, port):
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "segment", str(tmp_path / "in"), "-o", str(out),
+                                 *RAY_ARGS, "--address", f"127.0.0.1:{port}"], env=env, cwd=paths.REPO_ROOT,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while len(read_manifest(out)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        stop_head(head)
+        stopped = time.time()
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert time.time() - stopped < 45, err
+    [line] = error_lines(err)
+    assert "lost the Ray cluster" in line and f":{port} " in line and "--resume" in line, line
+    done = read_manifest(out)
+    assert 2 <= len(done) < len(inputs), err
+    assert outputs(out) == sorted([Path(o).name for o in done] + [MANIFEST, RESULTS])  # nothing half-written
+    assert (pd.read_csv(out / RESULTS).status == "ok").sum() == len(done)
 
 
 def test_embedded_beside_a_ray_start_cluster(tmp_path, ray_tmpdir, monkeypatch, capsys):
