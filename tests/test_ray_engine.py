@@ -1,22 +1,29 @@
 """segment --engine ray on a local Ray instance of 2 single-thread workers: an actor killed mid-case, a bad
-input, an interrupted cohort resumed, an address where nothing listens, and the real pipeline end to end.
+input, an interrupted cohort resumed, an address where nothing listens, a head stopped mid-cohort, the
+embedded instance's sockets (loopback only), token and independence from a `ray start` cluster, and the
+real pipeline end to end.
 
 The fault tests run a fast stand-in for the network (tests/ray_fakes.py through TSBENCH_RAY_PIPELINE);
 test_real_pipeline_on_ray runs the real one on one small phantom and checks it against the local engine.
 """
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 from common.core import paths
@@ -160,6 +167,159 @@ def test_address_to_nothing_exits_2_quickly(tmp_path):
     [line] = error_lines(proc.stderr)
     assert f"127.0.0.1:{port}" in line and "no Ray cluster" in line
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def listening_sockets(pid: int) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of ``pid`` and its descendants."""
+    found = set()
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for proc in tree:
+        try:
+            name = proc.name()
+            found |= {(name, c.laddr.ip, c.laddr.port) for c in proc.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # exited between the listing and the look
+            continue
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def test_embedded_ray_listens_on_loopback_only(tmp_path):
+    """06 segment --engine ray without --address: every socket Ray's processes listen on is 127.0.0.1 / ::1."""
+    env = {**os.environ, **fake_env(tmp_path, delay=1.0)}
+    env.pop("RAY_ADDRESS", None)
+    write_inputs(tmp_path / "in", [f"case{i}" for i in range(6)])
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                             *RAY_ARGS], env=env, cwd=paths.REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    seen = set()
+    while proc.poll() is None:  # the driver, GCS, raylet, agents and actors come and go: sample throughout
+        seen |= listening_sockets(proc.pid)
+        time.sleep(0.2)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, err
+    names = {name for name, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), seen  # Ray was seen
+    exposed = sorted(s for s in seen if not is_loopback(s[1]))
+    assert not exposed, f"listening beyond localhost: {exposed}"
+    assert "token authentication on" in err
+
+
+def test_embedded_ray_refuses_a_wrong_token(monkeypatch):
+    """Token authentication stays on in embedded mode: a GCS call with another token is refused."""
+    from common.production import ray_cluster
+
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    connection = ray_cluster.connect(None)
+    probe = ("import sys\nfrom ray._raylet import GcsClient\n"
+             "print(GcsClient(address=sys.argv[1]).internal_kv_keys(b'', None, timeout=10))")
+    try:
+        calls = {token: subprocess.run([sys.executable, "-c", probe, connection.address], capture_output=True,
+                                       text=True, timeout=60, env={**os.environ, "RAY_AUTH_MODE": "token", **extra})
+                 for token, extra in (("same", {}), ("wrong", {"RAY_AUTH_TOKEN": "0" * 32}))}
+    finally:
+        ray_cluster.shutdown(connection)
+    assert connection.address.startswith("127.0.0.1:")
+    assert calls["same"].returncode == 0, calls["same"].stderr
+    assert calls["wrong"].returncode != 0 and "InvalidAuthToken" in calls["wrong"].stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A Ray temp dir of the test's own (short: Ray's socket paths live in it), so that a `ray start` here records
+    its address there, not in /tmp/ray/ray_current_cluster where other Ray users of this machine look."""
+    folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """SIGTERM to the head's processes, as `ray stop` stops them."""
+    try:
+        children = psutil.Process(head.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for child in children:
+        child.terminate()
+    if head.poll() is None:
+        head.terminate()
+
+
+@contextlib.contextmanager
+def ray_head(env: dict):
+    """A local `ray start --head` (token authentication on) in ``env["RAY_TMPDIR"]``; yields (process, GCS port)."""
+    port = free_port()
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+                             "--include-dashboard=false", "--num-cpus=2", "--block"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    recorded = Path(env["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"  # written once the head is up
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and head.poll() is None and not recorded.exists():
+            time.sleep(0.5)
+        yield head, port
+    finally:
+        stop_head(head)
+        head.wait(90)  # `ray start --block` stops its processes before it exits
+
+
+def head_env(tmp_path: Path, ray_tmpdir: str) -> dict[str, str]:
+    env = {**os.environ, **fake_env(tmp_path, delay=1.0), "RAY_AUTH_MODE": "token", "RAY_TMPDIR": ray_tmpdir}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_head_stopped_mid_cohort_is_one_error(tmp_path, ray_tmpdir):
+    """--address to a local `ray start --head` that stops mid-cohort: one error line, exit 2, no partial output."""
+    env = head_env(tmp_path, ray_tmpdir)
+    inputs = write_inputs(tmp_path / "in", [f"case{i:02d}" for i in range(24)])
+    out = tmp_path / "out"
+    with ray_head(env) as (head, port):
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), "segment", str(tmp_path / "in"), "-o", str(out),
+                                 *RAY_ARGS, "--address", f"127.0.0.1:{port}"], env=env, cwd=paths.REPO_ROOT,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while len(read_manifest(out)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        stop_head(head)
+        stopped = time.time()
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert time.time() - stopped < 45, err
+    [line] = error_lines(err)
+    assert "lost the Ray cluster" in line and f":{port} " in line and "--resume" in line, line
+    done = read_manifest(out)
+    assert 2 <= len(done) < len(inputs), err
+    assert outputs(out) == sorted([Path(o).name for o in done] + [MANIFEST, RESULTS])  # nothing half-written
+    assert (pd.read_csv(out / RESULTS).status == "ok").sum() == len(done)
+
+
+def test_embedded_beside_a_ray_start_cluster(tmp_path, ray_tmpdir, monkeypatch, capsys):
+    """Embedded mode starts its own instance while `ray start` runs here (a plain ray.init joins that cluster)."""
+    env = head_env(tmp_path, ray_tmpdir)
+    for key in (*fake_env(tmp_path), "RAY_TMPDIR"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    write_inputs(tmp_path / "in", ["a", "b"])
+    with ray_head(env) as (_, port):
+        rc = segment_main([str(tmp_path / "in"), "-o", str(tmp_path / "out"), *RAY_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "Ray embedded at 127.0.0.1:" in err and f":{port} " not in err
 
 
 def test_real_pipeline_on_ray(tmp_path, onnx_model, monkeypatch, capsys):

@@ -13,6 +13,7 @@ Nothing here imports ray at module level: segment mode with ``--engine local`` n
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 CONNECT_TIMEOUT_S = 20.0  # the whole attach, probe included: the issue asks for an answer within 30 s
 FALLBACK_WORKER_MB = 3000.0  # a 1-tile-at-a-time exact variant measured 2.9 GB peak RSS per worker here
 RSS_MARGIN = 1.15  # as sweeps.RSS_MARGIN
+LOOPBACK = "127.0.0.1"  # the embedded instance's node IP: every Ray port on it listens on loopback only
 
 
 class ClusterError(RuntimeError):
@@ -98,6 +100,27 @@ def _code_path_env() -> dict:
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(entries))}}
 
 
+@contextlib.contextmanager
+def _loopback_node_ip():
+    """Let ray.init keep ``_node_ip_address="127.0.0.1"``, so that every Ray port listens on loopback only.
+
+    Ray 2.60 binds the GCS, the raylet (node and object manager) and every core worker (driver, actors)
+    to 127.0.0.1 when the node's IP is 127.0.0.1, and to all interfaces otherwise; its agents (runtime
+    env; with ray[default] also the dashboard agent and the metrics exporter) bind to the node's IP. On
+    Linux ray.init swaps a loopback node IP for the machine's address unless clusters are disabled
+    (macOS/Windows's default, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), a flag ray reads when it is
+    imported: too late for the variable here, so the flag itself is off during the start.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> Connection:
     """Start an embedded Ray instance (address None) or attach to one; ClusterError when that fails."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -126,12 +149,14 @@ def connect(address: str | None, num_cpus: int | None = None) -> Connection:
         finally:
             timer.cancel()
         return Connection("attached", address, time.perf_counter() - start, notes)
-    saved = os.environ.pop("RAY_ADDRESS", None)  # embedded means a new instance, not one found by ray.init
+    # Embedded means a new instance: not RAY_ADDRESS's cluster, nor (without address="local") the latest
+    # cluster that `ray start` recorded on this machine in /tmp/ray/ray_current_cluster.
+    saved = os.environ.pop("RAY_ADDRESS", None)
     try:
-        # address="local": without it ray.init joins a cluster that `ray start` left on this machine
-        # (/tmp/ray/ray_current_cluster) and refuses num_cpus
-        ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
-                 object_store_memory=object_store_bytes(), logging_level="ERROR", log_to_driver=False)
+        with _loopback_node_ip():
+            ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
+                     object_store_memory=object_store_bytes(), logging_level="ERROR", log_to_driver=False,
+                     _node_ip_address=LOOPBACK)
     except Exception as exc:  # noqa: BLE001
         raise ClusterError(f"cannot start an embedded Ray instance: {type(exc).__name__}: "
                            f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
@@ -139,6 +164,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> Connection:
         if saved is not None:
             os.environ["RAY_ADDRESS"] = saved
     elapsed = time.perf_counter() - start
+    if ray.util.get_node_ip_address() != LOOPBACK:
+        notes.append(f"Ray took node IP {ray.util.get_node_ip_address()}, not {LOOPBACK}: its ports listen beyond "
+                     "localhost (token authentication still applies)")
     token = protect_token()
     if token:
         notes.append(f"token authentication on (token {token}, mode 0600)")

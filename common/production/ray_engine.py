@@ -25,6 +25,7 @@ from common.production.topology import format_cpu_list
 
 MAX_ATTEMPTS = 3  # actors that may die on one case before it is reported as failed
 START_TIMEOUT_S = 600.0  # no case running and no actor ready for this long: the cluster cannot place one
+PROBE_EVERY_S = 5.0  # after an actor death, or this long without news: does the cluster's GCS still answer?
 MANIFEST = "segment_manifest.jsonl"
 RESULTS = "segment_results.csv"
 RESULT_COLUMNS = ("input", "output", "status", "error", "attempts", "node", "node_ip", "pid", "worker", "cpus",
@@ -179,8 +180,14 @@ class _Pool:
 
 def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row: Callable[[dict], None],
                log: Callable[[str], None] = print) -> list[dict]:
-    """Run ``jobs`` on ``settings.workers`` actors; one result row per job (status "ok" or "error")."""
+    """Run ``jobs`` on ``settings.workers`` actors; one result row per job (status "ok" or "error").
+
+    ClusterError when the cluster's GCS stops answering (head stopped or lost): Ray's own wait for it ends
+    the process after 60 s without a word, so the driver checks first and leaves with one line.
+    """
     from ray.exceptions import GetTimeoutError, RayActorError
+
+    from common.production.ray_cluster import ClusterError, probe
 
     rows: list[dict] = []
     if not jobs:
@@ -194,7 +201,17 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
         log(f"removed {removed} temporary output(s) left by an interrupted run")
     for _ in range(min(settings.workers, len(jobs))):
         pool.start()
-    progress_at = time.monotonic()
+    progress_at = probed_at = time.monotonic()
+    gcs = pool.ray.get_runtime_context().gcs_address
+
+    def check_cluster() -> None:
+        nonlocal probed_at
+        probed_at = time.monotonic()
+        try:
+            probe(gcs, timeout_s=2.0)
+        except ClusterError:
+            raise ClusterError(f"lost the Ray cluster at {gcs} mid-cohort (its GCS does not answer): finished "
+                               "outputs are kept; rerun with --resume once the cluster is back") from None
 
     def finish(index: int, row: dict) -> None:
         job = jobs[index]
@@ -231,6 +248,7 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
         nonlocal replacements
         job = jobs[index]
         remove_partial(job.output)
+        check_cluster()
         info = pool.info.get(w, {})
         job.deaths.append(f"worker {w} (pid {info.get('pid')}, {info.get('node')}) died")
         pool.actors.pop(w, None)
@@ -262,6 +280,8 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
                 reserved.clear()
                 break
             done, _ = pool.ray.wait(waiting, num_returns=1, timeout=1.0)
+            if not done and time.monotonic() - probed_at > PROBE_EVERY_S:
+                check_cluster()
             if done or running:
                 progress_at = time.monotonic()
             elif time.monotonic() - progress_at > START_TIMEOUT_S:

@@ -1,8 +1,8 @@
 """``06 ... segment --engine ray``: the command-line side of common.production.ray_engine.
 
 Exit codes as the local engine: 0 all written (or kept by --resume), 1 some input failed, 2 a usage
-or setup error (no cluster at --address, no node that can hold one worker, an unknown variant),
-130 interrupted (rerun with --resume to keep what was finished).
+or setup error (no cluster at --address, no node that can hold one worker, an unknown variant, the
+cluster lost mid-cohort), 130 interrupted (rerun with --resume to keep what was finished).
 """
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def segment_on_ray(args) -> int:
             settings = EngineSettings(variant=name, workers=workers, threads=threads, memory_mb=memory_mb,
                                       factory=os.environ.get(PIPELINE_HOOK) or None, prefetch=not args.no_prefetch)
             try:
-                rows += _run_with_bar(jobs, settings, args)
-            except WorkerStartError as exc:
+                _run_with_bar(jobs, settings, args, rows)
+            except (WorkerStartError, ClusterError) as exc:
                 _err(str(exc))
                 return 2
     except KeyboardInterrupt:
@@ -123,7 +123,8 @@ def segment_on_ray(args) -> int:
     return 1 if failed else 0
 
 
-def _run_with_bar(jobs: list, settings, args) -> list[dict]:
+def _run_with_bar(jobs: list, settings, args, rows: list[dict]) -> None:
+    """Runs the cohort; each finished row is appended to ``rows`` at once, so an interrupted run keeps them."""
     from tqdm import tqdm
 
     from common.production.ray_engine import run_cohort
@@ -132,6 +133,7 @@ def _run_with_bar(jobs: list, settings, args) -> list[dict]:
     bar = tqdm(total=len(jobs), desc="segment (ray)", unit="case", disable=args.no_progress, file=sys.stderr)
 
     def on_row(row: dict) -> None:
+        rows.append(row)
         if row["status"] == "ok":
             counts["done"] += 1
             bar.write(f"ok: {row['input']} -> {row['output']} ({row.get('end', 0) - row.get('start', 0):.1f} s, "
@@ -143,6 +145,6 @@ def _run_with_bar(jobs: list, settings, args) -> list[dict]:
         bar.update()
 
     try:
-        return run_cohort(jobs, settings, args.output, on_row, log=lambda m: bar.write(f"segment: {m}", file=sys.stderr))
+        run_cohort(jobs, settings, args.output, on_row, log=lambda m: bar.write(f"segment: {m}", file=sys.stderr))
     finally:
         bar.close()
