@@ -59,9 +59,11 @@ def shape_study(weights, threads: int, static_path: Path) -> dict:
 
 def write_report(path: Path, info, check, study: dict | None) -> None:
     from common.model.weights import weights_banner
+    from common.reports.environment import environment_lines
     from common.reports.report import write_text_atomic
 
     lines = ["# ONNX export report", "", weights_banner(info.__dict__), "",
+             *environment_lines(threads=info.architecture["threads"]),
              f"- ONNX model: `{info.onnx_path}` (sha256 `{info.onnx_sha256[:16]}`), opset {info.architecture['opset']}",
              f"- Architecture: {info.architecture['network']}, features {info.architecture['features']}, "
              f"patch (z,y,x) {info.architecture['patch_zyx']}, {info.architecture['classes']} output channels, "

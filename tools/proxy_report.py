@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.core import io, metrics, paths  # noqa: E402
+from common.core.env import environment_record  # noqa: E402
 from common.data import phantoms  # noqa: E402
 from common.model import proxy, weights  # noqa: E402
 from common.pipeline.run import PipelineConfig, StageTimer, segment_volume  # noqa: E402
@@ -126,11 +127,13 @@ def margins(net, threads: int) -> dict | None:
 
 
 def write_report(out: Path, source: str, meta: dict | None, ph: list[dict], real: list[dict],
-                 marg: dict, seconds: float) -> None:
+                 marg: dict, seconds: float, environment: dict | None = None) -> None:
+    from common.reports.environment import environment_lines
+
     names = class_names()
     lines = ["# Proxy weights: quality report", "",
-             f"**Weights: proxy** ({source}). {proxy.describe(meta)}.", "",
-             f"Made {time.strftime('%Y-%m-%d %H:%M')} in {seconds / 60:.1f} min by `tools/proxy_report.py` "
+             f"**Weights: proxy** ({source}). {proxy.describe(meta)}.", "", *environment_lines(environment),
+             f"Made in {seconds / 60:.1f} min by `tools/proxy_report.py` "
              "(torch fp32, the exact pipeline: 3 mm, step 0.8, float16 accumulation).", ""]
     ok = all(r["mean_top5"] >= MIN_DICE_TOP5 for r in ph)
     lines += ["## Dice vs ground truth on held-out phantoms", "",
@@ -181,6 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    environment = environment_record(args.threads)
     try:
         net = network_from(None if args.state else args.proxy, args.state)
     except proxy.ProxyError as exc:
@@ -195,7 +199,7 @@ def main(argv=None) -> int:
         marg["stand-in (seeded random)"] = m
         marg["proxy"] = margins(net, args.threads)
     source = str(args.state) if args.state else f"{args.proxy.relative_to(ROOT) if args.proxy.is_relative_to(ROOT) else args.proxy}"
-    write_report(args.out, source, meta, ph, real, marg, time.perf_counter() - start)
+    write_report(args.out, source, meta, ph, real, marg, time.perf_counter() - start, environment)
     print(f"wrote {args.out}")
     return 0 if all(r["mean_top5"] >= MIN_DICE_TOP5 for r in ph) else 3
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from importlib import metadata
+from pathlib import Path
 
 from common.core import paths
 
@@ -12,6 +14,8 @@ from common.core import paths
 # the reproduce command lines set each of them.
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "nnUNet_def_n_proc", "nnUNet_n_proc_DA")
 PACKAGES = ("numpy", "scipy", "nibabel", "torch", "onnxruntime", "openvino", "nnunetv2", "totalsegmentator")
+# The ISA flags that decide which kernels the runtimes pick (fp32 AVX-512, bf16, int8 VNNI, AMX tiles).
+KEY_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")
 
 
 def affinity_cpus() -> list[int]:
@@ -37,6 +41,53 @@ def apply_threads(threads: int) -> None:
         threadpool_limits(threads)
     except ImportError:
         pass
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The first CPU's flags as the kernel reports them (empty where /proc/cpuinfo is unreadable)."""
+    try:
+        for line in open(cpuinfo):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def key_flags(flags: set[str] | None = None) -> dict[str, bool]:
+    flags = cpu_flags() if flags is None else flags
+    return {flag: flag in flags for flag in KEY_FLAGS}
+
+
+def online_cpus() -> int:
+    return os.sysconf("SC_NPROCESSORS_ONLN")
+
+
+def l3_bytes(cpus: list[int] | None = None, sysfs: Path = Path("/sys/devices/system/cpu")) -> int | None:
+    """Total L3 over the distinct L3 caches the given CPUs (default: the affinity mask) share; None if unknown."""
+    caches = {}
+    for cpu in affinity_cpus() if cpus is None else cpus:
+        for index in (sysfs / f"cpu{cpu}" / "cache").glob("index*"):
+            try:
+                if (index / "level").read_text().strip() != "3":
+                    continue
+                size = (index / "size").read_text().strip()
+                shared = (index / "shared_cpu_list").read_text().strip()
+            except OSError:
+                continue
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            caches[shared] = int(size.rstrip("KMG")) * unit
+    return sum(caches.values()) or None
+
+
+def ram_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    try:
+        for line in open(meminfo):
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cpu_model() -> str:
@@ -77,7 +128,14 @@ def environment_record(threads: int) -> dict:
     info = read_model_info()
     topo = read_topology()
     return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "cpu_model": cpu_model(),
+        "key_flags": key_flags(),
+        "cpus_online": online_cpus(),
+        "cpus_affinity": len(topo.cpus),
+        "l3_bytes": l3_bytes(topo.cpus),
+        "ram_bytes": ram_bytes(),
+        "os": f"{platform.system()} {platform.release()}",
         "cpu_flags": " ".join(topo.flags),
         "affinity": topo.summary().get("cpus", ""),
         "threads": threads,

@@ -1,7 +1,6 @@
 """06: plots, benchmarks/production_report.md and the recommendation paragraph of SUMMARY.md."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +77,12 @@ def write_report(path: Path, *, topology: Topology, env: dict, settings: Setting
                  rec: Recommendation | None, plots: dict, elapsed_s: float,
                  extra_sections: list[str] = ()) -> Path:
     from common.model.weights import weights_banner
+    from common.reports.environment import environment_lines
     from common.reports.report import write_text_atomic
 
     cases = ", ".join(f"{c.case_id} ({'x'.join(map(str, c.shape))})" for c in settings.cases)
     variants = ", ".join(f"{v} ({settings.tiers.get(v, '?')})" for v in settings.variants)
-    lines = ["# 06 Linux production benchmark", "", weights_banner(), "",
-             f"- CPU: {topology.model_name}; affinity {format_cpu_list(topology.cpus)} ({len(topology.cpus)} CPUs)",
+    lines = ["# 06 Linux production benchmark", "", weights_banner(), "", *environment_lines(env),
              f"- Cases: {cases}; repeats {settings.repeats}; warm-up runs per process {settings.warmup}",
              f"- Variants: {variants}. "
              f"{choice.note}.",
@@ -153,9 +152,7 @@ def write_report(path: Path, *, topology: Topology, env: dict, settings: Setting
     lines += ["", "## Files", "",
               "- `production_results.csv`: the recommended configuration's per-case runs (SUMMARY.md row)",
               "- `production_latency_sweep.csv`, `production_throughput_sweep.csv`, `production_throughput_items.csv`, "
-              "`production_cold_start.csv`: every measurement", "",
-              "## Environment", "", "```", *[f"{k}: {v}" for k, v in env.items()],
-              f"topology: {json.dumps(topology.summary())}", "```"]
+              "`production_cold_start.csv`: every measurement"]
     return write_text_atomic(path, "\n".join(lines) + "\n")
 
 

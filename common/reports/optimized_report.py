@@ -255,7 +255,5 @@ def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peak: floa
     if plot:
         text += ["", f"![latency vs parity]({plot.name})", ""]
     text += ["", "## Stage breakdown (median seconds) and network efficiency", ""] + stage_lines(summary) + \
-        ["", "## Per case", ""] + report.per_case_table(frame) + ["", *notes, "", "## Environment", "", "```",
-                                                                  *[f"{k}: {v}" for k, v in environment.items()],
-                                                                  "```"]
+        ["", "## Per case", ""] + report.per_case_table(frame) + ["", *notes]
     return report.write_text_atomic(out_dir / report_name, "\n".join(text) + "\n")

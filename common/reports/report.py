@@ -105,17 +105,15 @@ def _gt(value) -> str:
 
 
 def header_lines(title: str, frame: pd.DataFrame, environment: dict | None = None) -> list[str]:
-    """Title plus the facts a reader needs before any number: weights, CPU, threads, data."""
+    """Title plus the facts a reader needs before any number: weights, then the environment block, threads, data."""
     from common.model.weights import read_model_info, weights_banner
+    from common.reports.environment import environment_lines
 
-    info = read_model_info()
-    cpu = (environment or {}).get("cpu_model") or (frame.cpu_model.dropna().iloc[0]
-                                                   if "cpu_model" in frame and frame.cpu_model.notna().any() else "?")
     threads = sorted({int(t) for t in frame.threads.dropna()}) if "threads" in frame else []
     cases = frame.case_id.nunique() if "case_id" in frame else 0
-    return [f"# {title}", "", weights_banner(info), "",
-            f"- CPU: {cpu}; threads per run: {', '.join(map(str, threads)) or '?'}; "
-            f"affinity: {(environment or {}).get('affinity', frame.affinity.dropna().iloc[0] if 'affinity' in frame and frame.affinity.notna().any() else '?')}",
+    return [f"# {title}", "", weights_banner(read_model_info()), "",
+            *environment_lines(environment, threads[-1] if threads else None),
+            f"- Threads per run: {', '.join(map(str, threads)) or '?'}",
             f"- Cases: {cases}; latency = end-to-end wall time from reading the input to the written output "
             "(median over cases and repeats; spread = 25th–75th percentile)", ""]
 
@@ -158,8 +156,7 @@ def write_script_report(path: Path, title: str, frame: pd.DataFrame, environment
     summary = summarize(frame)
     text = header_lines(title, frame, environment) + ["## Results", ""] + key_results_table(summary) + \
         ["", "## Stage breakdown (median seconds)", ""] + stage_table(summary) + \
-        ["", "## Per case", ""] + per_case_table(frame) + ["", *notes, "", "## Environment", "", "```",
-                                                        *[f"{k}: {v}" for k, v in environment.items()], "```"]
+        ["", "## Per case", ""] + per_case_table(frame) + ["", *notes]
     return write_text_atomic(path, "\n".join(text) + "\n")
 
 
