@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--with-vanilla", action="store_true", help="interleave vanilla TotalSegmentator runs")
     parser.add_argument("--with-baseline", action="store_true", help="interleave the default ORT pipeline")
     parser.add_argument("--calibrate", action="store_true", help="(re)build the INT8 model and exit")
-    parser.add_argument("--no-peak", action="store_true", help="skip the machine-peak GFLOP/s microbenchmark")
+    parser.add_argument("--no-peak", action="store_true",
+                        help="skip the per-precision peak GFLOP/s microbenchmarks (common/runtime/peaks.py)")
     args = parser.parse_args(argv)
     from common.variants.table import RENAMED, VARIANTS, variant_name
 
@@ -94,12 +95,13 @@ def main(argv=None) -> int:
     runners, notes = prepare_runners(
         args, lambda: make_runners(names, args.threads, args.with_vanilla, args.with_baseline))
     from common.reports import optimized_report
+    from common.runtime.peaks import measure_peaks
 
-    peak = None if args.no_peak else optimized_report.measure_peak_gflops(args.threads)
-    notes = optimized_report.static_notes(notes, peak)
+    peaks = None if args.no_peak else measure_peaks(args.threads, log=lambda m: print(m, file=sys.stderr))
+    notes = optimized_report.static_notes(notes, peaks)
     rc = run_and_report(args, runners, "05 Optimized Python pipeline: variants, exact and approximate",
                         REPORT, notes)
-    optimized_report.rewrite_report(args.out, REPORT, notes, peak, args.threads)
+    optimized_report.rewrite_report(args.out, REPORT, notes, peaks, args.threads)
     return rc
 
 

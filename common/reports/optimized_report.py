@@ -1,7 +1,6 @@
 """05's report: per-variant table with both speedups, stage breakdown with network efficiency, Pareto plot."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from common.core.formatting import number
 from common.harness.bench import RESULT_COLUMNS
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline.run import STAGES
-from common.reports import report
+from common.reports import efficiency_section, report
 from common.variants.selection import PARITY_MIN
 
 FEATURES = (32, 64, 128, 256, 320)
@@ -34,27 +33,7 @@ def gflop_per_patch(patch: tuple[int, ...] = PATCH_SIZE, features=FEATURES, clas
     return 2 * macs / 1e9
 
 
-def measure_peak_gflops(threads: int, n: int = 3072, repeats: int = 3) -> float:
-    """The machine's measured float32 peak here: best of a few large SGEMMs (OpenBLAS, `threads` threads)."""
-    try:
-        from threadpoolctl import threadpool_limits
-        limit = threadpool_limits(threads)
-    except ImportError:
-        limit = None
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b = a.T.copy()
-    a @ b
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    if limit is not None:
-        limit.unregister() if hasattr(limit, "unregister") else None
-    return 2 * n ** 3 / best / 1e9
-
-
-def static_notes(notes: list[str], peak: float | None) -> list[str]:
+def static_notes(notes: list[str], peaks) -> list[str]:
     lines = ["## Notes", "",
              "- Tiers: **exact** = same math as vanilla (differences from float rounding only; the non-network "
              "changes are bit-exact, tests/test_variants.py); **approximate** = changes the math (bf16, int8, "
@@ -75,10 +54,8 @@ def static_notes(notes: list[str], peak: float | None) -> list[str]:
              "- EXACT_STAGES (the exact-tier pipeline stages): float16 tile accumulation and divide + argmax run in rust/'s kernels "
              "(libtotalseg_kernels.so, bit-identical labels) where built, in torch otherwise.",
              f"- Network efficiency = n_tiles x {gflop_per_patch():.0f} GFLOP per 112x112x128 patch / "
-             "network seconds (time inside the runtime's calls) / measured peak"
-             + (f" ({peak:.0f} GFLOP/s, best float32 SGEMM on these threads, measured at the start of this run)."
-                if peak else " (peak not measured: --no-peak)."),
-             "  bf16/int8 rows can exceed 100%: their arithmetic is cheaper than the float32 peak.",
+             "network seconds (time inside the runtime's calls) / the peak of the row's own precision.",
+             efficiency_section.note_line(peaks),
              ""]
     return lines + list(notes)
 
@@ -99,7 +76,7 @@ def _load(out_dir: Path) -> pd.DataFrame:
     return frame
 
 
-def variant_table(frame: pd.DataFrame, peak: float | None) -> pd.DataFrame:
+def variant_table(frame: pd.DataFrame, peaks) -> pd.DataFrame:
     summary = report.summarize(frame)
     vs_base = report.per_case_speedup(frame, reference="onnx_baseline")
     summary["speedup_vs_baseline"] = [vs_base.get((r.implementation, r.variant), np.nan)
@@ -110,7 +87,7 @@ def variant_table(frame: pd.DataFrame, peak: float | None) -> pd.DataFrame:
     # network_s = time inside the runtime's calls; rows without it (vanilla) fall back to their inference stage
     network = summary.network_s.fillna(summary.inference_s)
     summary["network_gflops"] = summary.n_tiles * gflop_per_patch() / network
-    summary["efficiency"] = summary.network_gflops / peak if peak else np.nan
+    summary["efficiency"] = efficiency_section.row_efficiency(summary, peaks)
     summary["non_network_share"] = 1 - network / summary.median_s
     return summary
 
@@ -129,7 +106,7 @@ def table_lines(summary: pd.DataFrame) -> list[str]:
 
 def stage_lines(summary: pd.DataFrame) -> list[str]:
     lines = ["| Implementation | Variant | " + " | ".join(s.replace("_s", " (s)") for s in STAGES) +
-             " | of which network (s) | Non-network share | Tiles | Network GFLOP/s | Efficiency vs peak |",
+             " | of which network (s) | Non-network share | Tiles | Network GFLOP/s | Efficiency vs own-precision peak |",
              "| --- | --- |" + " ---: |" * (len(STAGES) + 5)]
     for r in summary.itertuples():
         lines.append(f"| {r.implementation} | {r.variant or '–'} | " +
@@ -238,16 +215,14 @@ def _stand_in() -> bool:
     return read_model_info().get("weights_kind") == "stand-in"
 
 
-def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peak: float | None, threads: int) -> Path:
+def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peaks, threads: int) -> Path:
     """Replace the harness's generic report with 05's: both speedups, efficiency, Pareto plot."""
     from common.core.env import environment_record
 
     out_dir = Path(out_dir)
     frame = _load(out_dir)
-    summary = variant_table(frame, peak)
+    summary = variant_table(frame, peaks)
     environment = environment_record(threads)
-    if peak:
-        environment["measured_peak_gflops_fp32"] = f"{peak:.1f}"
     plot = pareto_plot(summary, out_dir / PLOT)
     text = report.header_lines("05 Optimized Python pipeline: variants, exact and approximate", frame, environment)
     text += ["## Best variants", ""] + (best_lines(summary, frame) or ["No optimized variant finished."]) + \
@@ -255,5 +230,6 @@ def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peak: floa
     if plot:
         text += ["", f"![latency vs parity]({plot.name})", ""]
     text += ["", "## Stage breakdown (median seconds) and network efficiency", ""] + stage_lines(summary) + \
+        [""] + efficiency_section.section_lines(summary, peaks) + \
         ["", "## Per case", ""] + report.per_case_table(frame) + ["", *notes]
     return report.write_text_atomic(out_dir / report_name, "\n".join(text) + "\n")

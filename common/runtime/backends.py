@@ -148,6 +148,12 @@ def _with_argmax(ov, model):
     return ov.Model([ops.convert(top.output(1), ov.Type.u8).output(0)], model.get_parameters(), "labels")
 
 
+def openvino_config(threads: int, precision: str = "f32") -> dict:
+    """Compile settings of every OpenVINO model here: the backends, the peak kernels, the per-layer profile."""
+    return {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+
+
 def openvino_backend(threads: int, model: str | Path | None = None, precision: str = "f32",
                      cache_dir: Path | None = paths.MODELS_DIR / "openvino_cache",
                      whole_volume: bool = False) -> Backend:
@@ -166,8 +172,7 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
         core.set_property({"CACHE_DIR": str(cache_dir)})
     if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise BackendUnavailable("this CPU has no bf16 support (OpenVINO OPTIMIZATION_CAPABILITIES)")
-    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
-              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    config = openvino_config(threads, precision)
     net = core.read_model(str(model_path))
     details = {"openvino": ov.__version__, "threads": threads, "precision": precision, "model": Path(model_path).name}
 
