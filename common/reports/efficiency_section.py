@@ -47,9 +47,12 @@ def section_lines(summary: pd.DataFrame, peaks) -> list[str]:
     lines = ["## Network efficiency per precision", ""]
     if peaks is None:
         return lines + ["Peaks not measured in this run (--no-peak).", ""]
-    lines += [f"Peak of each precision on this CPU ({peaks.threads} threads): the best GFLOP/s of a 3x3x3 "
-              "convolution (128 ch at 24³, 256 ch at 16³) timed by OpenVINO's per-layer counters, compiled as the "
-              "backends compile (common/runtime/peaks.py).", "",
+    from common.runtime.peaks import CONV_SHAPES
+
+    shapes = ", ".join(f"{c} channels at {e}³" for c, e in CONV_SHAPES)
+    lines += [f"Peak of each precision on this CPU ({peaks.threads} threads): the best GFLOP/s of one 3x3x3 "
+              f"convolution ({shapes}) timed by OpenVINO's per-layer counters, compiled as the backends compile "
+              "(common/runtime/peaks.py).", "",
               "| Precision | Peak GFLOP/s | Kernel |", "| --- | ---: | --- |"]
     lines += [f"| {p} | {v:.0f} | {peaks.kernels.get(p, '')} |" for p, v in peaks.gflops.items()]
     lines += [f"| {p} | not measured | {why} |" for p, why in peaks.skipped.items()]
