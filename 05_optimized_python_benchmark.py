@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate", action="store_true", help="(re)build the INT8 model and exit")
     parser.add_argument("--no-peak", action="store_true",
                         help="skip the per-precision peak GFLOP/s microbenchmarks (common/runtime/peaks.py)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the OpenVINO per-layer profile of one patch (common/reports/profile_section.py)")
     args = parser.parse_args(argv)
     from common.variants.table import RENAMED, VARIANTS, variant_name
 
@@ -95,13 +97,16 @@ def main(argv=None) -> int:
     runners, notes = prepare_runners(
         args, lambda: make_runners(names, args.threads, args.with_vanilla, args.with_baseline))
     from common.reports import optimized_report
+    from common.reports.profile_section import measure_profiles
     from common.runtime.peaks import measure_peaks
 
-    peaks = None if args.no_peak else measure_peaks(args.threads, log=lambda m: print(m, file=sys.stderr))
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    peaks = None if args.no_peak else measure_peaks(args.threads, log=log)
+    profiles = [] if args.no_profile else measure_profiles(args.threads, log=log)
     notes = optimized_report.static_notes(notes, peaks)
     rc = run_and_report(args, runners, "05 Optimized Python pipeline: variants, exact and approximate",
                         REPORT, notes)
-    optimized_report.rewrite_report(args.out, REPORT, notes, peaks, args.threads)
+    optimized_report.rewrite_report(args.out, REPORT, notes, peaks, args.threads, profiles)
     return rc
 
 

@@ -84,7 +84,7 @@ def test_variant_that_fails_to_start_is_an_error_row_and_the_others_run(tmp_path
     out = tmp_path / "bench"
     script = importlib.import_module("05_optimized_python_benchmark")
     rc = script.main(["--manifest", str(manifest), "--out", str(out), "--variants", "ort_corrupt,exact_ort_tuned",
-                      "--no-peak", "--no-progress"])
+                      "--no-peak", "--no-profile", "--no-progress"])
     assert rc == 1
     rows = pd.read_csv(out / "onnx_optimized_results.csv").set_index("variant")
     assert rows.loc["exact_ort_tuned", "status"] == "ok" and rows.loc["exact_ort_tuned", "wall_s"] > 0

@@ -10,7 +10,7 @@ from common.core.formatting import number
 from common.harness.bench import RESULT_COLUMNS
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline.run import STAGES
-from common.reports import efficiency_section, report
+from common.reports import efficiency_section, profile_section, report
 from common.variants.selection import PARITY_MIN
 
 FEATURES = (32, 64, 128, 256, 320)
@@ -215,7 +215,7 @@ def _stand_in() -> bool:
     return read_model_info().get("weights_kind") == "stand-in"
 
 
-def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peaks, threads: int) -> Path:
+def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peaks, threads: int, profiles=()) -> Path:
     """Replace the harness's generic report with 05's: both speedups, efficiency, Pareto plot."""
     from common.core.env import environment_record
 
@@ -231,5 +231,6 @@ def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peaks, thr
         text += ["", f"![latency vs parity]({plot.name})", ""]
     text += ["", "## Stage breakdown (median seconds) and network efficiency", ""] + stage_lines(summary) + \
         [""] + efficiency_section.section_lines(summary, peaks) + \
+        profile_section.section_lines(list(profiles), peaks) + \
         ["", "## Per case", ""] + report.per_case_table(frame) + ["", *notes]
     return report.write_text_atomic(out_dir / report_name, "\n".join(text) + "\n")
