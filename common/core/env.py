@@ -129,6 +129,7 @@ def environment_record(threads: int) -> dict:
     topo = read_topology()
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "load_average": " / ".join(f"{v:.2f}" for v in os.getloadavg()),
         "cpu_model": cpu_model(),
         "key_flags": key_flags(),
         "cpus_online": online_cpus(),

@@ -27,7 +27,8 @@ def environment_lines(environment: dict | None = None, threads: int | None = Non
     thread_vars = ", ".join(f"{k}={v}" for k, v in env.get("thread_env", {}).items() if v) or "none set"
     return [HEADING, "",
             f"- Run: {env.get('date', '?')}; git {env.get('git_commit', '?')}; {env.get('os', '?')}; "
-            f"threads {env.get('threads', '?')} ({thread_vars})",
+            f"threads {env.get('threads', '?')} ({thread_vars}); load average {env.get('load_average', '?')} "
+            "(1 / 5 / 15 min, when recorded: other work on these CPUs lowers every number)",
             f"- CPU: {env.get('cpu_model', '?')}; {env.get('cpus_online', '?')} CPUs online, "
             f"{env.get('cpus_affinity', '?')} in the affinity mask ({env.get('affinity', '?')}); "
             f"L3 {_mib(env.get('l3_bytes'))}; RAM {_gib(env.get('ram_bytes'))}",
