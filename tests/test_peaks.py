@@ -54,3 +54,21 @@ def test_peaks_measured_for_every_precision_this_cpu_has():
         assert "int8" in peaks.gflops and "I8" in peaks.kernels["int8"].upper()  # a real int8 kernel ran
     assert set(peaks.gflops) | set(peaks.skipped) == {"f32", "bf16", "int8"}
     assert peaks.bandwidth_gbs > 0.1
+
+
+def test_precisions_the_cpu_lacks_are_skipped_with_their_reason():
+    """An AVX2-only CPU gets no bf16/int8 peak (emulated kernels are not its peak); an AMX one gets both."""
+    from common.runtime.peaks import unavailable
+
+    class Core:
+        def __init__(self, caps):
+            self.caps = caps
+
+        def get_property(self, device, name):
+            return self.caps
+
+    none = dict.fromkeys(("avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni"), False)
+    assert set(unavailable(Core(["FP32", "BF16", "INT8"]), none)) == {"bf16", "int8"}
+    amx = {**none, "avx512f": True, "amx_bf16": True, "amx_int8": True}
+    assert unavailable(Core(["FP32", "BF16", "INT8"]), amx) == {}
+    assert set(unavailable(Core(["FP32", "INT8"]), amx)) == {"bf16"}

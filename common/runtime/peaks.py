@@ -110,8 +110,8 @@ def unavailable(core, flags: dict[str, bool]) -> dict[str, str]:
     """Precisions this CPU lacks, with the reason (the kernels would be emulated, not its peak)."""
     caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     out = {}
-    if "BF16" not in caps:
-        out["bf16"] = "no bf16 in OpenVINO's OPTIMIZATION_CAPABILITIES"
+    if "BF16" not in caps or not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+        out["bf16"] = "no AVX-512 bf16 / AMX bf16 (or no BF16 in OpenVINO's OPTIMIZATION_CAPABILITIES)"
     if "INT8" not in caps or not (flags.get("avx512_vnni") or flags.get("amx_int8")):
         out["int8"] = "no AVX-512 VNNI / AMX int8"
     return out
