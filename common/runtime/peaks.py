@@ -120,6 +120,7 @@ def unavailable(core, flags: dict[str, bool]) -> dict[str, str]:
 def measure_peaks(threads: int, log=lambda message: None) -> Peaks:
     """Peaks of every precision this CPU has (a few seconds each), and the memory bandwidth."""
     from common.core.env import key_flags
+    from common.core.formatting import one_line
 
     peaks = Peaks(threads)
     try:
@@ -130,9 +131,18 @@ def measure_peaks(threads: int, log=lambda message: None) -> Peaks:
     core = ov.Core()
     peaks.skipped = unavailable(core, key_flags())
     for precision in PRECISIONS:
-        if precision not in peaks.skipped:
+        if precision in peaks.skipped:
+            continue
+        try:
             peaks.gflops[precision], peaks.kernels[precision] = conv_peak(ov, core, precision, threads)
-            log(f"peak {precision}: {peaks.gflops[precision]:.0f} GFLOP/s ({peaks.kernels[precision]})")
-    peaks.bandwidth_gbs = bandwidth(ov, core, threads)
+        except Exception as exc:  # noqa: BLE001 - a runtime that cannot compile it: that peak reads n/a
+            peaks.skipped[precision] = one_line(exc)
+            continue
+        log(f"peak {precision}: {peaks.gflops[precision]:.0f} GFLOP/s ({peaks.kernels[precision]})")
+    try:
+        peaks.bandwidth_gbs = bandwidth(ov, core, threads)
+    except Exception as exc:  # noqa: BLE001
+        log(f"memory bandwidth not measured: {one_line(exc)}")
+        return peaks
     log(f"memory bandwidth: {peaks.bandwidth_gbs:.1f} GB/s")
     return peaks
