@@ -76,3 +76,18 @@ def test_no_writer_formats_the_environment_itself():
     assert owners == ["environment.py"]
     dumps = [p.name for p in sources if "environment.items()" in p.read_text() or "env.items()" in p.read_text()]
     assert dumps == []
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux /proc/cpuinfo")
+def test_export_report_carries_the_block(tmp_path):
+    import importlib
+    from types import SimpleNamespace
+
+    script = importlib.import_module("02_export_model")
+    info = SimpleNamespace(weights_kind="stand-in", checkpoint_sha256="0" * 64, onnx_path="models/x.onnx",
+                           onnx_sha256="1" * 64, architecture={"opset": 17, "network": "PlainConvUNet",
+                                                               "features": [32], "patch_zyx": [112, 112, 128],
+                                                               "classes": 118, "parameters": 1e6, "threads": 1})
+    check = SimpleNamespace(source="test", max_abs_diff=0.0, argmax_agreement=1.0, top2_margin_of_flips=None)
+    script.write_report(tmp_path / "export_report.md", info, check, None)
+    check_block((tmp_path / "export_report.md").read_text())
