@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from common.core import io
+from common.core.stage_memory import StageMemory
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline import preprocess, resample, sliding_window
 from common.runtime.backends import Backend
@@ -52,9 +53,17 @@ class SegmentationResult:
 
 
 class StageTimer:
-    def __init__(self):
+    """Seconds per stage; with a `StageMemory`, also the peak memory of each finer step (`checkpoint`)."""
+
+    def __init__(self, memory: StageMemory | None = None):
         self.timings = {name: 0.0 for name in STAGES}
         self.timings["network_s"] = 0.0  # inside inference_s: the runtime's own calls, without tiling/accumulation
+        self.memory = memory
+
+    def checkpoint(self, step: str) -> None:
+        """The end of one memory step (load, resample, ..., save); nothing without a StageMemory."""
+        if self.memory is not None:
+            self.memory.checkpoint(step)
 
     @contextmanager
     def stage(self, name: str):
@@ -81,7 +90,25 @@ def timed_backend(backend: Backend, timer: StageTimer) -> Backend:
                 timer.timings["network_s"] += time.perf_counter() - start
         return run
 
-    return replace(backend, predict=timed(backend.predict), labels_any=timed(backend.labels_any))
+    def timed_slabs(call):
+        if call is None:
+            return None
+
+        def run(array: np.ndarray):
+            slabs = call(array)
+            while True:
+                start = time.perf_counter()
+                try:
+                    slab = next(slabs)
+                except StopIteration:
+                    return
+                finally:
+                    timer.timings["network_s"] += time.perf_counter() - start
+                yield slab
+        return run
+
+    return replace(backend, predict=timed(backend.predict), labels_any=timed(backend.labels_any),
+                   predict_slabs=timed_slabs(backend.predict_slabs))
 
 
 NETWORK_STRIDE = 16  # 4 stride-2 stages: whole-volume inputs are padded to a multiple of this
@@ -106,6 +133,7 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
             resampled = resample.to_target_spacing_from_int(data_ras, zoom, config.resample_order, threads)
         else:
             resampled = resample.to_target_spacing(data_ras, zoom, order=config.resample_order)
+        timer.checkpoint("resample")
         image = resampled.transpose(2, 1, 0)
         box = preprocess.nonzero_bbox(image)
         if config.body_crop:
@@ -124,6 +152,7 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
             n_tiles = round(float(np.prod(padded.shape) / np.prod(config.patch)), 2)
         else:
             n_tiles = sliding_window.count_tiles(cropped.shape, config.patch, config.step)
+        timer.checkpoint("normalize_pad")
     with timer.stage("inference_s"):
         backend = timed_backend(backend, timer)
         logits = weights = labels_cropped = None
@@ -137,22 +166,26 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
             raise ValueError(f"backend {backend.name} was built for whole-volume labels: no tiles")
         elif config.f16_accumulate:
             logits, weights = sliding_window.sliding_window_accumulate(
-                padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads)
+                padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads,
+                backend.predict_slabs)
         else:
             logits = sliding_window.sliding_window(padded, backend.predict, config.patch, config.step,
                                                    NUM_CLASSES, on_tile)
+        timer.checkpoint("network_accumulate")
     with timer.stage("postprocess_s"):
         if labels_cropped is None and (config.chunked_argmax or weights is not None):
             labels_cropped = sliding_window.divide_argmax(logits, weights, unpad, threads)
         elif labels_cropped is None:
             labels_cropped = sliding_window.argmax_labels(logits[(slice(None), *unpad)])
         del logits, weights
+        timer.checkpoint("argmax")
         labels = np.zeros(image.shape, dtype=np.uint8)
         labels[preprocess.bbox_slices(box)] = labels_cropped
         if config.index_map_resample:  # gathered on the (z, y, x) array: (x, y, z) in Fortran order, as NIfTI stores it
             labels = resample.labels_to_shape_fast(labels, data_ras.shape[::-1]).transpose(2, 1, 0)
         else:
             labels = resample.labels_to_shape(labels.transpose(2, 1, 0), data_ras.shape)
+        timer.checkpoint("labels_back")
     return labels, n_tiles
 
 
@@ -189,19 +222,22 @@ def segment_volume(volume: io.Volume, backend: Backend, config: PipelineConfig, 
     labels_ras, n_tiles = predict_canonical(data_ras, spacing, backend, config, timer, on_tile)
     with timer.stage("postprocess_s"):
         labels = io.from_canonical(labels_ras, affine_ras, volume.affine)
+        timer.checkpoint("orientation")
     return SegmentationResult(labels, timer.timings, n_tiles)
 
 
 def segment_file(input_path: Path, output_path: Path | None, backend: Backend, config: PipelineConfig,
-                 on_tile: Callable[[], None] | None = None) -> SegmentationResult:
+                 on_tile: Callable[[], None] | None = None, timer: StageTimer | None = None) -> SegmentationResult:
     """Read, segment, write (atomically). Timings cover reading the input to the written output."""
-    timer = StageTimer()
+    timer = timer or StageTimer()
     with timer.stage("load_s"):
         volume = load_volume_lean(input_path) if config.lean_load else io.load_volume(input_path)
+    timer.checkpoint("load")
     result = segment_volume(volume, backend, config, timer, on_tile)
     if output_path is not None:
         with timer.stage("save_s"):
             io.save_atomic(io.label_image(result.labels, volume), output_path)
+        timer.checkpoint("save")
     result.timings = dict(timer.timings)
     result.timings["wall_s"] = sum(timer.timings[s] for s in STAGES)
     return result

@@ -12,6 +12,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (1, 1, *patch) float32 -> (1, C, *patch) float32
+# (1, 1, *patch) float32 -> (z0, (C, dz, *patch[1:]) float32) slabs covering the patch's depth
+PredictSlabs = Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]]
 
 
 def tile_steps(image_size: tuple[int, ...], patch: tuple[int, ...], step: float) -> list[list[int]]:
@@ -182,16 +184,34 @@ def accumulate_tile(logits: np.ndarray, pred: np.ndarray, gauss32: np.ndarray, s
 
 def sliding_window_accumulate(image: np.ndarray, predict: Predict, patch: tuple[int, ...], step: float,
                               n_classes: int, on_tile: Callable[[], None] | None = None,
-                              threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                              threads: int = 1, predict_slabs: PredictSlabs | None = None
+                              ) -> tuple[np.ndarray, np.ndarray]:
     """Undivided float16 logits and float16 weights: `sliding_window` without its final division.
 
     Feed the pair to `divide_argmax` (chunked): together they give exactly `argmax_labels(sliding_window(...))`
     without a float32 copy of the 118-channel volume and without numpy's whole-volume argmax transpose.
+    `predict_slabs` (instead of `predict`): each tile's logits arrive as depth slabs and are added slab by slab;
+    the accumulation is elementwise, so the sums are the same.
     """
-    def add_tile(logits, pred, gauss32, sl):
-        accumulate_tile(logits, pred, gauss32, sl, threads)
+    if predict_slabs is None:
+        def add_tile(logits, pred, gauss32, sl):
+            accumulate_tile(logits, pred, gauss32, sl, threads)
 
-    return _accumulate(image, predict, patch, step, n_classes, add_tile, on_tile)
+        return _accumulate(image, predict, patch, step, n_classes, add_tile, on_tile)
+
+    gauss = gaussian_importance(patch)
+    gauss32 = gauss.astype(np.float32)
+    logits = np.zeros((n_classes, *image.shape), dtype=np.float16)
+    weights = np.zeros(image.shape, dtype=np.float16)
+    for sl in tile_slices(image.shape, patch, step):
+        for z, slab in predict_slabs(np.ascontiguousarray(image[sl])[None, None]):
+            depth = slab.shape[1]
+            slab_sl = (slice(sl[0].start + z, sl[0].start + z + depth), *sl[1:])
+            accumulate_tile(logits, slab, gauss32[z:z + depth], slab_sl, threads)
+        weights[sl] += gauss
+        if on_tile:
+            on_tile()
+    return logits, weights
 
 
 def divide_argmax(logits: np.ndarray, weights: np.ndarray | None, region: tuple[slice, ...] | None = None,

@@ -61,8 +61,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             {**ORT_TUNED, "reuse_output": True}, EXACT_STAGES),
     Variant("exact_ov_f32", "exact", "openvino",
             "OpenVINO fp32 (INFERENCE_PRECISION_HINT=f32, static shape) on the model with InstanceNorm statistics "
-            "summed in short blocks (common/model/precise_norm.py) + EXACT_STAGES", {**OV_F32, "model": "precise_norm"},
-            EXACT_STAGES),
+            "summed in short blocks (common/model/precise_norm.py) + EXACT_STAGES; the last layer on 8-deep slabs "
+            "(head_slab: no 760 MB patch logits)", {**OV_F32, "model": "precise_norm", "head_slab": 8}, EXACT_STAGES),
     # approximate tier
     Variant("approx_ov_f32_onepass_norm", "approximate", "openvino", "OpenVINO fp32 (INFERENCE_PRECISION_HINT=f32, static shape) "
             "+ EXACT_STAGES; fp32 math, but OpenVINO's one-pass InstanceNorm sums drift past the exact-tier "
