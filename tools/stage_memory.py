@@ -29,7 +29,7 @@ from common.variants.table import Variant, get_variant  # noqa: E402
 DEFAULT_VARIANTS = ("exact_ov_f32", "exact_ort_tuned_stages", "approx_ov_bf16_whole")
 # What each lean-memory change replaced: a variant "@before" runs with these pipeline settings, without these
 # backend options, and with these modules imported at start-up.
-BEFORE_CONFIG: dict = {}
+BEFORE_CONFIG = {"stream_accumulate": False, "release_input": False}
 BEFORE_DROPPED_OPTIONS = ("head_slab",)
 BEFORE_PRELOAD = ("torch",)  # env.apply_threads imported torch in every worker before this branch
 

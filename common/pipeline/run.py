@@ -34,6 +34,8 @@ class PipelineConfig:
     fused_normalize: bool = False  # crop + clip + normalize + pad into one float32 buffer
     f16_accumulate: bool = False  # per-channel, cache-blocked, threaded float16 accumulation (no f32 copies)
     chunked_argmax: bool = False   # divide by the weights and argmax slab by slab
+    stream_accumulate: bool = False  # float16 accumulator only for the depth later tiles still touch (tiles only)
+    release_input: bool = False    # segment_file drops the loaded voxels once resampled (only the header is kept)
     # Approximate tier: changes the math.
     body_crop: bool = False        # run the network only inside the box of voxels > -500 HU
     whole_volume: bool = False     # one pass over the whole (stride-padded) volume instead of tiles
@@ -126,14 +128,29 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
                       timer: StageTimer, on_tile: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
     """Labels for a canonical (RAS, x-y-z) volume, on that same grid. With the default config every
     step is TotalSegmentator's; the exact-tier options give the same labels faster."""
-    threads = _numpy_threads(config)
+    resampled = resample_canonical(data_ras, spacing, config, timer)
+    return predict_resampled(resampled, data_ras.shape, backend, config, timer, on_tile)
+
+
+def resample_canonical(data_ras: np.ndarray, spacing: np.ndarray, config: PipelineConfig,
+                       timer: StageTimer) -> np.ndarray:
+    """The canonical volume on the 3 mm grid (int32, x-y-z), as TotalSegmentator's `change_spacing` gives it."""
     with timer.stage("preprocess_s"):
         zoom = resample.zoom_factors(spacing)
         if np.issubdtype(data_ras.dtype, np.integer):
-            resampled = resample.to_target_spacing_from_int(data_ras, zoom, config.resample_order, threads)
+            resampled = resample.to_target_spacing_from_int(data_ras, zoom, config.resample_order,
+                                                            _numpy_threads(config))
         else:
             resampled = resample.to_target_spacing(data_ras, zoom, order=config.resample_order)
-        timer.checkpoint("resample")
+    timer.checkpoint("resample")
+    return resampled
+
+
+def predict_resampled(resampled: np.ndarray, shape_ras: tuple[int, ...], backend: Backend, config: PipelineConfig,
+                      timer: StageTimer, on_tile: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
+    """`predict_canonical` from its resampled volume: labels on the canonical grid of shape `shape_ras`."""
+    threads = _numpy_threads(config)
+    with timer.stage("preprocess_s"):
         image = resampled.transpose(2, 1, 0)
         box = preprocess.nonzero_bbox(image)
         if config.body_crop:
@@ -164,6 +181,10 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
                 on_tile()
         elif backend.predict is None:
             raise ValueError(f"backend {backend.name} was built for whole-volume labels: no tiles")
+        elif config.stream_accumulate:
+            labels_cropped = sliding_window.sliding_window_labels(
+                padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads,
+                backend.predict_slabs)[unpad]
         elif config.f16_accumulate:
             logits, weights = sliding_window.sliding_window_accumulate(
                 padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads,
@@ -182,9 +203,9 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
         labels = np.zeros(image.shape, dtype=np.uint8)
         labels[preprocess.bbox_slices(box)] = labels_cropped
         if config.index_map_resample:  # gathered on the (z, y, x) array: (x, y, z) in Fortran order, as NIfTI stores it
-            labels = resample.labels_to_shape_fast(labels, data_ras.shape[::-1]).transpose(2, 1, 0)
+            labels = resample.labels_to_shape_fast(labels, shape_ras[::-1]).transpose(2, 1, 0)
         else:
-            labels = resample.labels_to_shape(labels.transpose(2, 1, 0), data_ras.shape)
+            labels = resample.labels_to_shape(labels.transpose(2, 1, 0), shape_ras)
         timer.checkpoint("labels_back")
     return labels, n_tiles
 
@@ -215,11 +236,17 @@ def load_volume_lean(path: Path) -> io.Volume:
 
 
 def segment_volume(volume: io.Volume, backend: Backend, config: PipelineConfig, timer: StageTimer,
-                   on_tile: Callable[[], None] | None = None) -> SegmentationResult:
+                   on_tile: Callable[[], None] | None = None, release_input: bool = False) -> SegmentationResult:
+    """`release_input`: set `volume.data` to None once resampled (the caller keeps only its header and affine),
+    so the loaded voxels are not alive during inference."""
     with timer.stage("preprocess_s"):
         data_ras, affine_ras, _ = io.to_canonical(volume.data, volume.affine)
         spacing = resample.header_spacing(data_ras.shape, affine_ras)
-    labels_ras, n_tiles = predict_canonical(data_ras, spacing, backend, config, timer, on_tile)
+    resampled = resample_canonical(data_ras, spacing, config, timer)
+    shape_ras = data_ras.shape
+    if release_input:
+        volume.data = data_ras = None
+    labels_ras, n_tiles = predict_resampled(resampled, shape_ras, backend, config, timer, on_tile)
     with timer.stage("postprocess_s"):
         labels = io.from_canonical(labels_ras, affine_ras, volume.affine)
         timer.checkpoint("orientation")
@@ -233,7 +260,7 @@ def segment_file(input_path: Path, output_path: Path | None, backend: Backend, c
     with timer.stage("load_s"):
         volume = load_volume_lean(input_path) if config.lean_load else io.load_volume(input_path)
     timer.checkpoint("load")
-    result = segment_volume(volume, backend, config, timer, on_tile)
+    result = segment_volume(volume, backend, config, timer, on_tile, release_input=config.release_input)
     if output_path is not None:
         with timer.stage("save_s"):
             io.save_atomic(io.label_image(result.labels, volume), output_path)

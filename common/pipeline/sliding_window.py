@@ -280,3 +280,63 @@ def divide_argmax(logits: np.ndarray, weights: np.ndarray | None, region: tuple[
 
     parallel_ranges(depth, threads, work)
     return labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming (exact tier): the accumulator lives only for the depth the remaining tiles still touch.
+
+def _depth_blocks(image_depth: int, patch_depth: int, step: float) -> list[tuple[int, int]]:
+    """[lo, hi) depth ranges between consecutive tile starts and ends: every tile covers whole blocks."""
+    starts = tile_steps((image_depth,), (patch_depth,), step)[0]
+    edges = sorted({0, image_depth, *starts, *(s + patch_depth for s in starts)})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def sliding_window_labels(image: np.ndarray, predict: Predict | None, patch: tuple[int, ...], step: float,
+                          n_classes: int, on_tile: Callable[[], None] | None = None, threads: int = 1,
+                          predict_slabs: PredictSlabs | None = None) -> np.ndarray:
+    """uint8 labels of the whole `image`: `divide_argmax(*sliding_window_accumulate(...))`, bit for bit, with the
+    float16 accumulator held only for the depth blocks the current tile touches.
+
+    Tiles run in `tile_slices`' order (depth outermost), so once a tile starts at depth z no later tile touches
+    anything above z: those blocks are divided, argmaxed and freed. Each voxel still receives its tiles' sums
+    in the same order, so every float16 value is the one the whole-volume accumulator holds.
+    """
+    if predict_slabs is None:
+        def predict_slabs(patch_input):
+            yield 0, np.asarray(predict(patch_input), dtype=np.float32).reshape(n_classes, *patch)
+
+    gauss = gaussian_importance(patch)
+    gauss32 = gauss.astype(np.float32)
+    labels = np.empty(image.shape, dtype=np.uint8)
+    blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (lo, hi) -> (logits, weights)
+    edges = _depth_blocks(image.shape[0], patch[0], step)
+
+    def finish(before: int) -> None:
+        for lo, hi in [b for b in blocks if b[1] <= before]:
+            logits, weights = blocks.pop((lo, hi))
+            labels[lo:hi] = divide_argmax(logits, weights, None, threads)
+
+    for sl in tile_slices(image.shape, patch, step):
+        z0 = sl[0].start
+        finish(z0)
+        mine = [b for b in edges if z0 <= b[0] and b[1] <= z0 + patch[0]]
+        for b in mine:
+            if b not in blocks:
+                shape = (b[1] - b[0], *image.shape[1:])
+                blocks[b] = np.zeros((n_classes, *shape), dtype=np.float16), np.zeros(shape, dtype=np.float16)
+        for z, slab in predict_slabs(np.ascontiguousarray(image[sl])[None, None]):
+            lo, hi = z0 + z, z0 + z + slab.shape[1]
+            for b in mine:
+                a, e = max(lo, b[0]), min(hi, b[1])
+                if a >= e:
+                    continue
+                part = slab if (a, e) == (lo, hi) else np.ascontiguousarray(slab[:, a - lo:e - lo])
+                start = (slice(a - b[0], e - b[0]), *sl[1:])
+                accumulate_tile(blocks[b][0], part, gauss32[a - z0:e - z0], start, threads)
+        for b in mine:
+            blocks[b][1][(slice(0, b[1] - b[0]), *sl[1:])] += gauss[b[0] - z0:b[1] - z0]
+        if on_tile:
+            on_tile()
+    finish(image.shape[0])
+    return labels

@@ -11,7 +11,7 @@ from common.core.formatting import number
 from common.harness.bench import RESULT_COLUMNS
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline.run import STAGES
-from common.reports import report
+from common.reports import report, stage_memory_report
 from common.variants.selection import PARITY_MIN
 
 FEATURES = (32, 64, 128, 256, 320)
@@ -255,6 +255,7 @@ def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peak: floa
     if plot:
         text += ["", f"![latency vs parity]({plot.name})", ""]
     text += ["", "## Stage breakdown (median seconds) and network efficiency", ""] + stage_lines(summary) + \
+        [""] + stage_memory_report.section(out_dir) + \
         ["", "## Per case", ""] + report.per_case_table(frame) + ["", *notes, "", "## Environment", "", "```",
                                                                   *[f"{k}: {v}" for k, v in environment.items()],
                                                                   "```"]

@@ -34,7 +34,7 @@ class Variant:
 
 # Exact-tier pipeline options: the same labels as the defaults (tests/test_variants.py checks bit-exactness).
 EXACT_STAGES = PipelineConfig(lean_load=True, index_map_resample=True, fused_normalize=True, f16_accumulate=True,
-                      chunked_argmax=True)
+                      chunked_argmax=True, stream_accumulate=True, release_input=True)
 # Denormals-as-zero stays off (the backend's default, written here so the table says it): ORT sets it on the
 # calling thread too, which then changes torch (vanilla, run in the same process) and drifted the reference by
 # 0.6% on example_ct_sm with stand-in weights. 05 runs each variant in its own process; 06's in-process runs and
