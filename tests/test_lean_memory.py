@@ -46,7 +46,7 @@ def _slabs_of(predict, depth):
 @pytest.mark.parametrize("shape", [(40, 23, 30), (29, 17, 9), (16, 16, 16)])
 @pytest.mark.parametrize("slab_depth", [0, 3, 16])
 def test_streaming_labels_bit_exact(shape, slab_depth):
-    # Fails if finish() frees a block a later tile still touches (finish(z0 + 1)) or if a slab straddling two
+    # Fails if finish() frees a block the current tile still touches (`finish(z0 + patch[0])`) or if a slab straddling two
     # blocks is added to one of them only.
     patch, n_classes = (16, 10, 12), 7
     image = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
