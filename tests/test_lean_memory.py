@@ -117,6 +117,15 @@ def test_openvino_head_slabs_bit_exact(threads):
         np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
+def test_openvino_whole_volume_head_slabs_same_labels(threads):
+    """The whole-volume pass with its head + argmax on slabs = the one-model pass (fails with a slab written at
+    the wrong depth, or a last slab left unwritten when the depth is not a multiple of the slab)."""
+    one = _openvino_or_skip(threads, whole_volume=True)
+    sliced = _openvino_or_skip(threads, whole_volume=True, head_slab=5)  # 48 % 5: a shorter last slab
+    volume = np.clip(np.random.default_rng(6).normal(0, 0.5, (1, 1, 48, 64, 80)), -1, 3).astype(np.float32)
+    np.testing.assert_array_equal(sliced.labels_any(volume), one.labels_any(volume))
+
+
 def test_exact_ov_f32_lean_path_keeps_todays_labels(threads, shared_data, tmp_path):
     """exact_ov_f32 as it runs now (head on slabs, streaming, input released) vs as it ran before (whole patch
     logits, whole-volume accumulator): identical labels on the real CT."""

@@ -111,7 +111,11 @@ def main(argv=None) -> int:
         writer.writeheader()
         for row in rows:
             writer.writerow({"case_id": case_id, "threads": args.threads, **row})
-    print(f"wrote {path}")
+    from common.reports.stage_memory_report import section
+
+    markdown = path.with_suffix(".md")
+    markdown.write_text("\n".join(["# Memory per step", "", *section(args.out)[1:]]) + "\n")
+    print(f"wrote {path} and {markdown.name}")
     return 0
 
 

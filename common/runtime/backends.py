@@ -204,6 +204,8 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
 
     if whole_volume:
         net.reshape({net.inputs[0].get_any_name(): ov.PartialShape([1, 1, -1, -1, -1])})
+        if head_slab:
+            return _openvino_whole_head_slabs(ov, core, net, config, details, head_slab)
         labels_request = core.compile_model(_with_argmax(ov, net), "CPU", config).create_infer_request()
 
         def labels_any(image: np.ndarray) -> np.ndarray:
@@ -227,6 +229,25 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
         return request.get_output_tensor(0).data
 
     return Backend("openvino", predict, details, reuses_output=True)
+
+
+def _openvino_whole_head_slabs(ov, core, net, config: dict, details: dict, depth: int) -> Backend:
+    """The whole-volume labels model as trunk + (head with the argmax) on `depth`-deep slabs: the 118-channel
+    logits of the whole volume never exist inside the runtime, only one slab's."""
+    trunk_model, head_model = split_head(ov, net)
+    trunk = core.compile_model(trunk_model, "CPU", config).create_infer_request()
+    head = core.compile_model(_with_argmax(ov, head_model), "CPU", config).create_infer_request()
+
+    def labels_any(image: np.ndarray) -> np.ndarray:
+        trunk.infer({0: np.ascontiguousarray(image, dtype=np.float32)}, share_inputs=True)
+        features = trunk.get_output_tensor(0).data
+        labels = np.empty((1, 1, *features.shape[2:]), dtype=np.uint8)
+        for z in range(0, features.shape[2], depth):
+            head.infer({0: np.ascontiguousarray(features[:, :, z:z + depth])}, share_inputs=True)
+            labels[:, :, z:z + depth] = head.get_output_tensor(0).data
+        return labels
+
+    return Backend("openvino", None, {**details, "whole_volume": True, "head_slab": depth}, labels_any=labels_any)
 
 
 def _openvino_head_slabs(ov, core, net, config: dict, details: dict, depth: int) -> Backend:

@@ -74,7 +74,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "OpenVINO bf16, network only inside the body box (> -500 HU)", OV_BF16, _with(EXACT_STAGES, body_crop=True)),
     Variant("approx_ov_bf16_whole", "approximate", "openvino",
             "OpenVINO bf16, body crop, one whole-volume pass (padded to the stride 16; one model for any shape, "
-            "argmax inside it)", {**OV_BF16, "whole_volume": True},
+            "argmax inside it; its last layer + argmax on 8-deep slabs)", {**OV_BF16, "whole_volume": True, "head_slab": 8},
             _with(EXACT_STAGES, body_crop=True, whole_volume=True)),
     Variant("approx_ort_int8", "approximate", "onnxruntime",
             "ONNX Runtime, static QDQ INT8 model (calibrated on phantoms that are not evaluation cases)",
