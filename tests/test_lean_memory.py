@@ -166,3 +166,26 @@ def test_apply_threads_does_not_import_torch():
             "from common.harness import variant_worker; from common.pipeline import run; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stage_memory_section_reads_the_csv(tmp_path):
+    """05's section: one column per run, the vanilla ratio from the exact runs only (fails if `@before` rows or
+    approximate rows enter the ratio line, or the table is written without tools/stage_memory.py's CSV)."""
+    import csv
+
+    from common.reports import stage_memory_report as smr
+
+    assert smr.section(tmp_path) == []
+    rows = [{"label": label, "case_id": "c", "threads": 2, "stage": stage, "peak_mb": peak, "after_mb": peak - 10,
+             "run_peak_mb": run_peak, "wall_s": 1.0}
+            for label, run_peak in (("exact_a@before", 3000), ("exact_a", 1500), ("approx_b", 900))
+            for stage, peak in (("load", run_peak - 100), ("network_accumulate", run_peak))]
+    rows.append({"label": "vanilla", "case_id": "c", "threads": 2, "stage": "whole run", "peak_mb": 6000,
+                 "after_mb": "", "run_peak_mb": 6000, "wall_s": 9.0})
+    with open(tmp_path / smr.CSV_NAME, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=smr.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    text = "\n".join(smr.section(tmp_path))
+    assert "| network_accumulate | 3000 / 2990 | 1500 / 1490 | 900 / 890 |" in text
+    assert "**6000 MB**" in text and "`exact_a` 0.25 (goal <= 0.33)" in text

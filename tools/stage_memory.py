@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     from common.reports.stage_memory_report import section
 
     markdown = path.with_suffix(".md")
-    markdown.write_text("\n".join(["# Memory per step", "", *section(args.out)[1:]]) + "\n")
+    markdown.write_text("\n".join(["# Memory per step", *section(args.out)[1:]]) + "\n")
     print(f"wrote {path} and {markdown.name}")
     return 0
 
