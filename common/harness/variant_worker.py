@@ -103,7 +103,7 @@ class _Segmenter:
             import_runtime(module)
 
         variant = pickle.loads(variant_payload)
-        if variant.backend != "torch":
+        if variant.backend in RUNTIME_MODULES and variant.backend != "torch":  # counted under "imports"
             import_runtime(variant.backend)
         self._checkpoint("imports")
         self.backend = make_backend(variant.backend, threads, **variant.backend_options)
