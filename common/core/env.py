@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -31,11 +32,9 @@ def apply_threads(threads: int) -> None:
     """Set OpenMP/BLAS/nnU-Net caps in the environment (children inherit them) and torch's pool."""
     for var in THREAD_ENV:
         os.environ[var] = str(threads)
-    try:
-        import torch
+    torch = sys.modules.get("torch")  # not imported here: a torch imported later reads OMP_NUM_THREADS (set above),
+    if torch is not None:             # and the ONNX Runtime / OpenVINO workers never load its 550 MB
         torch.set_num_threads(threads)
-    except ImportError:
-        pass
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(threads)

@@ -75,41 +75,67 @@ def _warm_up(backend) -> None:
     from common.model.weights import PATCH_SIZE
 
     patch = np.zeros((1, 1, *PATCH_SIZE), dtype=np.float32)
-    if backend.predict is not None:
+    if backend.predict_slabs is not None:
+        for _ in backend.predict_slabs(patch):
+            pass
+    elif backend.predict is not None:
         backend.predict(patch)
     else:
         backend.labels_any(patch)
 
 
 class _Segmenter:
-    """The worker's job handler: (input path, output path or None) -> stage timings and n_tiles."""
+    """The worker's job handler: (input path, output path or None) -> stage timings and n_tiles, and with
+    `stage_memory` the peak RSS of each step (common/core/stage_memory.py) under "stage_memory": the set-up's
+    steps (imports, runtime, warm_up) then the case's. `preload`: modules imported at set-up (a measurement of
+    what an import costs: tools/stage_memory.py's "before" rows import torch as the worker once did)."""
 
-    def __init__(self, variant_payload: bytes, threads: int):
+    def __init__(self, variant_payload: bytes, threads: int, stage_memory: bool = False, preload: tuple = ()):
         from common.core.env import apply_threads
+        from common.core.stage_memory import StageMemory
 
+        self.memory = StageMemory() if stage_memory else None
         apply_threads(threads)  # before numpy and the runtimes load
-        from common.runtime.backends import make_backend
+        from common.pipeline import run  # noqa: F401  (counted under "imports")
+        from common.runtime.backends import import_runtime, make_backend
+
+        for module in preload:
+            import_runtime(module)
 
         variant = pickle.loads(variant_payload)
+        if variant.backend in RUNTIME_MODULES and variant.backend != "torch":  # counted under "imports"
+            import_runtime(variant.backend)
+        self._checkpoint("imports")
         self.backend = make_backend(variant.backend, threads, **variant.backend_options)
         self.config = variant.config_for(threads)
+        self._checkpoint("runtime")
         _warm_up(self.backend)
+        self._checkpoint("warm_up")
+
+    def _checkpoint(self, step: str) -> None:
+        if self.memory is not None:
+            self.memory.checkpoint(step)
 
     def __call__(self, job: tuple[str, str | None]) -> dict:
-        from common.pipeline.run import segment_file
+        from common.pipeline.run import StageTimer, segment_file
 
         input_path, output_path = job
+        first = len(self.memory.rows) if self.memory else 0
         result = segment_file(Path(input_path), None if output_path is None else Path(output_path),
-                              self.backend, self.config)
-        return {**result.timings, "n_tiles": result.n_tiles}
+                              self.backend, self.config, timer=StageTimer(self.memory))
+        value = {**result.timings, "n_tiles": result.n_tiles}
+        if self.memory is not None:
+            value["stage_memory"] = self.memory.as_dicts()[:3] + self.memory.as_dicts()[max(first, 3):]
+        return value
 
     def close(self) -> None:
         self.backend.close()
 
 
-def _serve(conn, variant_payload: bytes, threads: int) -> None:
+def _serve(conn, variant_payload: bytes, threads: int, stage_memory: bool = False, preload: tuple = ()) -> None:
     """The worker process: common/harness/workers.py's loop around a _Segmenter."""
-    workers.serve(conn, lambda: _Segmenter(variant_payload, threads), classify=_classify, ignore_interrupt=True)
+    workers.serve(conn, lambda: _Segmenter(variant_payload, threads, stage_memory, preload), classify=_classify,
+                  ignore_interrupt=True)
 
 
 class VariantWorker:
@@ -119,16 +145,17 @@ class VariantWorker:
     parent is killed (its pipe reads EOF).
     """
 
-    def __init__(self, variant, threads: int):
+    def __init__(self, variant, threads: int, stage_memory: bool = False, preload: tuple[str, ...] = ()):
         check_runtime(variant.backend)
         self.variant, self.threads = variant, int(threads)
+        self._options = (bool(stage_memory), tuple(preload))  # see _Segmenter
         self._payload = pickle.dumps(variant)
         self._process = None
         self._conn = None
         self._start()
 
     def _start(self) -> None:
-        self._process, self._conn = workers.start(_serve, (self._payload, self.threads),
+        self._process, self._conn = workers.start(_serve, (self._payload, self.threads, *self._options),
                                                   name=f"variant-{self.variant.name}")
         try:
             message = self._receive(" while starting")

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from common.core import io
+from common.core.stage_memory import StageMemory
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline import preprocess, resample, sliding_window
 from common.runtime.backends import Backend
@@ -33,6 +34,8 @@ class PipelineConfig:
     fused_normalize: bool = False  # crop + clip + normalize + pad into one float32 buffer
     f16_accumulate: bool = False  # per-channel, cache-blocked, threaded float16 accumulation (no f32 copies)
     chunked_argmax: bool = False   # divide by the weights and argmax slab by slab
+    stream_accumulate: bool = False  # float16 accumulator only for the depth later tiles still touch (tiles only)
+    release_input: bool = False    # segment_file drops the loaded voxels once resampled (only the header is kept)
     # Approximate tier: changes the math.
     body_crop: bool = False        # run the network only inside the box of voxels > -500 HU
     whole_volume: bool = False     # one pass over the whole (stride-padded) volume instead of tiles
@@ -52,9 +55,17 @@ class SegmentationResult:
 
 
 class StageTimer:
-    def __init__(self):
+    """Seconds per stage; with a `StageMemory`, also the peak memory of each finer step (`checkpoint`)."""
+
+    def __init__(self, memory: StageMemory | None = None):
         self.timings = {name: 0.0 for name in STAGES}
         self.timings["network_s"] = 0.0  # inside inference_s: the runtime's own calls, without tiling/accumulation
+        self.memory = memory
+
+    def checkpoint(self, step: str) -> None:
+        """The end of one memory step (load, resample, ..., save); nothing without a StageMemory."""
+        if self.memory is not None:
+            self.memory.checkpoint(step)
 
     @contextmanager
     def stage(self, name: str):
@@ -81,7 +92,25 @@ def timed_backend(backend: Backend, timer: StageTimer) -> Backend:
                 timer.timings["network_s"] += time.perf_counter() - start
         return run
 
-    return replace(backend, predict=timed(backend.predict), labels_any=timed(backend.labels_any))
+    def timed_slabs(call):
+        if call is None:
+            return None
+
+        def run(array: np.ndarray):
+            slabs = call(array)
+            while True:
+                start = time.perf_counter()
+                try:
+                    slab = next(slabs)
+                except StopIteration:
+                    return
+                finally:
+                    timer.timings["network_s"] += time.perf_counter() - start
+                yield slab
+        return run
+
+    return replace(backend, predict=timed(backend.predict), labels_any=timed(backend.labels_any),
+                   predict_slabs=timed_slabs(backend.predict_slabs))
 
 
 NETWORK_STRIDE = 16  # 4 stride-2 stages: whole-volume inputs are padded to a multiple of this
@@ -99,13 +128,29 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
                       timer: StageTimer, on_tile: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
     """Labels for a canonical (RAS, x-y-z) volume, on that same grid. With the default config every
     step is TotalSegmentator's; the exact-tier options give the same labels faster."""
-    threads = _numpy_threads(config)
+    resampled = resample_canonical(data_ras, spacing, config, timer)
+    return predict_resampled(resampled, data_ras.shape, backend, config, timer, on_tile)
+
+
+def resample_canonical(data_ras: np.ndarray, spacing: np.ndarray, config: PipelineConfig,
+                       timer: StageTimer) -> np.ndarray:
+    """The canonical volume on the 3 mm grid (int32, x-y-z), as TotalSegmentator's `change_spacing` gives it."""
     with timer.stage("preprocess_s"):
         zoom = resample.zoom_factors(spacing)
         if np.issubdtype(data_ras.dtype, np.integer):
-            resampled = resample.to_target_spacing_from_int(data_ras, zoom, config.resample_order, threads)
+            resampled = resample.to_target_spacing_from_int(data_ras, zoom, config.resample_order,
+                                                            _numpy_threads(config))
         else:
             resampled = resample.to_target_spacing(data_ras, zoom, order=config.resample_order)
+    timer.checkpoint("resample")
+    return resampled
+
+
+def predict_resampled(resampled: np.ndarray, shape_ras: tuple[int, ...], backend: Backend, config: PipelineConfig,
+                      timer: StageTimer, on_tile: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
+    """`predict_canonical` from its resampled volume: labels on the canonical grid of shape `shape_ras`."""
+    threads = _numpy_threads(config)
+    with timer.stage("preprocess_s"):
         image = resampled.transpose(2, 1, 0)
         box = preprocess.nonzero_bbox(image)
         if config.body_crop:
@@ -124,6 +169,7 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
             n_tiles = round(float(np.prod(padded.shape) / np.prod(config.patch)), 2)
         else:
             n_tiles = sliding_window.count_tiles(cropped.shape, config.patch, config.step)
+        timer.checkpoint("normalize_pad")
     with timer.stage("inference_s"):
         backend = timed_backend(backend, timer)
         logits = weights = labels_cropped = None
@@ -135,24 +181,32 @@ def predict_canonical(data_ras: np.ndarray, spacing: np.ndarray, backend: Backen
                 on_tile()
         elif backend.predict is None:
             raise ValueError(f"backend {backend.name} was built for whole-volume labels: no tiles")
+        elif config.stream_accumulate:
+            labels_cropped = sliding_window.sliding_window_labels(
+                padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads,
+                backend.predict_slabs)[unpad]
         elif config.f16_accumulate:
             logits, weights = sliding_window.sliding_window_accumulate(
-                padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads)
+                padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads,
+                backend.predict_slabs)
         else:
             logits = sliding_window.sliding_window(padded, backend.predict, config.patch, config.step,
                                                    NUM_CLASSES, on_tile)
+        timer.checkpoint("network_accumulate")
     with timer.stage("postprocess_s"):
         if labels_cropped is None and (config.chunked_argmax or weights is not None):
             labels_cropped = sliding_window.divide_argmax(logits, weights, unpad, threads)
         elif labels_cropped is None:
             labels_cropped = sliding_window.argmax_labels(logits[(slice(None), *unpad)])
         del logits, weights
+        timer.checkpoint("argmax")
         labels = np.zeros(image.shape, dtype=np.uint8)
         labels[preprocess.bbox_slices(box)] = labels_cropped
         if config.index_map_resample:  # gathered on the (z, y, x) array: (x, y, z) in Fortran order, as NIfTI stores it
-            labels = resample.labels_to_shape_fast(labels, data_ras.shape[::-1]).transpose(2, 1, 0)
+            labels = resample.labels_to_shape_fast(labels, shape_ras[::-1]).transpose(2, 1, 0)
         else:
-            labels = resample.labels_to_shape(labels.transpose(2, 1, 0), data_ras.shape)
+            labels = resample.labels_to_shape(labels.transpose(2, 1, 0), shape_ras)
+        timer.checkpoint("labels_back")
     return labels, n_tiles
 
 
@@ -182,26 +236,35 @@ def load_volume_lean(path: Path) -> io.Volume:
 
 
 def segment_volume(volume: io.Volume, backend: Backend, config: PipelineConfig, timer: StageTimer,
-                   on_tile: Callable[[], None] | None = None) -> SegmentationResult:
+                   on_tile: Callable[[], None] | None = None, release_input: bool = False) -> SegmentationResult:
+    """`release_input`: set `volume.data` to None once resampled (the caller keeps only its header and affine),
+    so the loaded voxels are not alive during inference."""
     with timer.stage("preprocess_s"):
         data_ras, affine_ras, _ = io.to_canonical(volume.data, volume.affine)
         spacing = resample.header_spacing(data_ras.shape, affine_ras)
-    labels_ras, n_tiles = predict_canonical(data_ras, spacing, backend, config, timer, on_tile)
+    resampled = resample_canonical(data_ras, spacing, config, timer)
+    shape_ras = data_ras.shape
+    if release_input:
+        volume.data = data_ras = None
+    labels_ras, n_tiles = predict_resampled(resampled, shape_ras, backend, config, timer, on_tile)
     with timer.stage("postprocess_s"):
         labels = io.from_canonical(labels_ras, affine_ras, volume.affine)
+        timer.checkpoint("orientation")
     return SegmentationResult(labels, timer.timings, n_tiles)
 
 
 def segment_file(input_path: Path, output_path: Path | None, backend: Backend, config: PipelineConfig,
-                 on_tile: Callable[[], None] | None = None) -> SegmentationResult:
+                 on_tile: Callable[[], None] | None = None, timer: StageTimer | None = None) -> SegmentationResult:
     """Read, segment, write (atomically). Timings cover reading the input to the written output."""
-    timer = StageTimer()
+    timer = timer or StageTimer()
     with timer.stage("load_s"):
         volume = load_volume_lean(input_path) if config.lean_load else io.load_volume(input_path)
-    result = segment_volume(volume, backend, config, timer, on_tile)
+    timer.checkpoint("load")
+    result = segment_volume(volume, backend, config, timer, on_tile, release_input=config.release_input)
     if output_path is not None:
         with timer.stage("save_s"):
             io.save_atomic(io.label_image(result.labels, volume), output_path)
+        timer.checkpoint("save")
     result.timings = dict(timer.timings)
     result.timings["wall_s"] = sum(timer.timings[s] for s in STAGES)
     return result

@@ -12,6 +12,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (1, 1, *patch) float32 -> (1, C, *patch) float32
+# (1, 1, *patch) float32 -> (z0, (C, dz, *patch[1:]) float32) slabs covering the patch's depth
+PredictSlabs = Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]]
 
 
 def tile_steps(image_size: tuple[int, ...], patch: tuple[int, ...], step: float) -> list[list[int]]:
@@ -182,16 +184,34 @@ def accumulate_tile(logits: np.ndarray, pred: np.ndarray, gauss32: np.ndarray, s
 
 def sliding_window_accumulate(image: np.ndarray, predict: Predict, patch: tuple[int, ...], step: float,
                               n_classes: int, on_tile: Callable[[], None] | None = None,
-                              threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                              threads: int = 1, predict_slabs: PredictSlabs | None = None
+                              ) -> tuple[np.ndarray, np.ndarray]:
     """Undivided float16 logits and float16 weights: `sliding_window` without its final division.
 
     Feed the pair to `divide_argmax` (chunked): together they give exactly `argmax_labels(sliding_window(...))`
     without a float32 copy of the 118-channel volume and without numpy's whole-volume argmax transpose.
+    `predict_slabs` (instead of `predict`): each tile's logits arrive as depth slabs and are added slab by slab;
+    the accumulation is elementwise, so the sums are the same.
     """
-    def add_tile(logits, pred, gauss32, sl):
-        accumulate_tile(logits, pred, gauss32, sl, threads)
+    if predict_slabs is None:
+        def add_tile(logits, pred, gauss32, sl):
+            accumulate_tile(logits, pred, gauss32, sl, threads)
 
-    return _accumulate(image, predict, patch, step, n_classes, add_tile, on_tile)
+        return _accumulate(image, predict, patch, step, n_classes, add_tile, on_tile)
+
+    gauss = gaussian_importance(patch)
+    gauss32 = gauss.astype(np.float32)
+    logits = np.zeros((n_classes, *image.shape), dtype=np.float16)
+    weights = np.zeros(image.shape, dtype=np.float16)
+    for sl in tile_slices(image.shape, patch, step):
+        for z, slab in predict_slabs(np.ascontiguousarray(image[sl])[None, None]):
+            depth = slab.shape[1]
+            slab_sl = (slice(sl[0].start + z, sl[0].start + z + depth), *sl[1:])
+            accumulate_tile(logits, slab, gauss32[z:z + depth], slab_sl, threads)
+        weights[sl] += gauss
+        if on_tile:
+            on_tile()
+    return logits, weights
 
 
 def divide_argmax(logits: np.ndarray, weights: np.ndarray | None, region: tuple[slice, ...] | None = None,
@@ -259,4 +279,64 @@ def divide_argmax(logits: np.ndarray, weights: np.ndarray | None, region: tuple[
             labels[z:z + n] = np.argmax(t, axis=0)
 
     parallel_ranges(depth, threads, work)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming (exact tier): the accumulator lives only for the depth the remaining tiles still touch.
+
+def _depth_blocks(image_depth: int, patch_depth: int, step: float) -> list[tuple[int, int]]:
+    """[lo, hi) depth ranges between consecutive tile starts and ends: every tile covers whole blocks."""
+    starts = tile_steps((image_depth,), (patch_depth,), step)[0]
+    edges = sorted({0, image_depth, *starts, *(s + patch_depth for s in starts)})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def sliding_window_labels(image: np.ndarray, predict: Predict | None, patch: tuple[int, ...], step: float,
+                          n_classes: int, on_tile: Callable[[], None] | None = None, threads: int = 1,
+                          predict_slabs: PredictSlabs | None = None) -> np.ndarray:
+    """uint8 labels of the whole `image`: `divide_argmax(*sliding_window_accumulate(...))`, bit for bit, with the
+    float16 accumulator held only for the depth blocks the current tile touches.
+
+    Tiles run in `tile_slices`' order (depth outermost), so once a tile starts at depth z no later tile touches
+    anything above z: those blocks are divided, argmaxed and freed. Each voxel still receives its tiles' sums
+    in the same order, so every float16 value is the one the whole-volume accumulator holds.
+    """
+    if predict_slabs is None:
+        def predict_slabs(patch_input):
+            yield 0, np.asarray(predict(patch_input), dtype=np.float32).reshape(n_classes, *patch)
+
+    gauss = gaussian_importance(patch)
+    gauss32 = gauss.astype(np.float32)
+    labels = np.empty(image.shape, dtype=np.uint8)
+    blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (lo, hi) -> (logits, weights)
+    edges = _depth_blocks(image.shape[0], patch[0], step)
+
+    def finish(before: int) -> None:
+        for lo, hi in [b for b in blocks if b[1] <= before]:
+            logits, weights = blocks.pop((lo, hi))
+            labels[lo:hi] = divide_argmax(logits, weights, None, threads)
+
+    for sl in tile_slices(image.shape, patch, step):
+        z0 = sl[0].start
+        finish(z0)
+        mine = [b for b in edges if z0 <= b[0] and b[1] <= z0 + patch[0]]
+        for b in mine:
+            if b not in blocks:
+                shape = (b[1] - b[0], *image.shape[1:])
+                blocks[b] = np.zeros((n_classes, *shape), dtype=np.float16), np.zeros(shape, dtype=np.float16)
+        for z, slab in predict_slabs(np.ascontiguousarray(image[sl])[None, None]):
+            lo, hi = z0 + z, z0 + z + slab.shape[1]
+            for b in mine:
+                a, e = max(lo, b[0]), min(hi, b[1])
+                if a >= e:
+                    continue
+                part = slab if (a, e) == (lo, hi) else np.ascontiguousarray(slab[:, a - lo:e - lo])
+                start = (slice(a - b[0], e - b[0]), *sl[1:])
+                accumulate_tile(blocks[b][0], part, gauss32[a - z0:e - z0], start, threads)
+        for b in mine:
+            blocks[b][1][(slice(0, b[1] - b[0]), *sl[1:])] += gauss[b[0] - z0:b[1] - z0]
+        if on_tile:
+            on_tile()
+    finish(image.shape[0])
     return labels

@@ -10,7 +10,7 @@ from common.core.formatting import number
 from common.harness.bench import RESULT_COLUMNS
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline.run import STAGES
-from common.reports import efficiency_section, profile_section, report
+from common.reports import efficiency_section, profile_section, report, stage_memory_report
 from common.variants.selection import PARITY_MIN
 
 FEATURES = (32, 64, 128, 256, 320)
@@ -232,5 +232,6 @@ def rewrite_report(out_dir: Path, report_name: str, notes: list[str], peaks, thr
     text += ["", "## Stage breakdown (median seconds) and network efficiency", ""] + stage_lines(summary) + \
         [""] + efficiency_section.section_lines(summary, peaks) + \
         profile_section.section_lines(list(profiles), peaks) + \
+        [""] + stage_memory_report.section(out_dir) + \
         ["", "## Per case", ""] + report.per_case_table(frame) + ["", *notes]
     return report.write_text_atomic(out_dir / report_name, "\n".join(text) + "\n")

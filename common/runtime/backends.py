@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -30,6 +30,9 @@ class Backend:
     labels_any: Callable[[np.ndarray], np.ndarray] | None = None
     # True where `predict` returns a buffer the backend reuses: valid only until the next call.
     reuses_output: bool = False
+    # Optional: the patch's logits as (z0, (C, dz, H, W)) slabs along the first spatial axis, each valid until
+    # the next; the same values as `predict`, without the 118-channel patch ever existing at once.
+    predict_slabs: Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]] | None = None
 
 
 def import_runtime(module: str):
@@ -154,15 +157,43 @@ def openvino_config(threads: int, precision: str = "f32") -> dict:
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
 
 
+def split_head(ov, model):
+    """(trunk, head): `model` cut before its last layer, the 1x1x1 segmentation convolution + bias.
+
+    trunk: input -> the last decoder features (1, F, *patch); head: (1, F, D, H, W) of any shape -> logits.
+    """
+    from openvino import opset13 as ops
+
+    add = model.get_results()[0].input_value(0).get_node()
+    conv = add.input_value(0).get_node()
+    if add.get_type_name() != "Add" or conv.get_type_name() != "Convolution":
+        raise ValueError(f"model does not end in Convolution + Add (found {conv.get_type_name()} + {add.get_type_name()})")
+    features = conv.input_value(0)
+    weight = conv.input_value(1).get_node().get_data()
+    if weight.shape[2:] != (1, 1, 1):
+        raise ValueError(f"last convolution is {weight.shape[2:]}, not 1x1x1")
+    bias = add.input_value(1).get_node()
+    if bias.get_type_name() == "Reshape":  # the ONNX import's (C,) -> (1, C, 1, 1, 1)
+        bias = bias.input_value(0).get_node()
+    bias = bias.get_data().reshape(1, -1, 1, 1, 1)
+    trunk = ov.Model([features], model.get_parameters(), "trunk")
+    slab = ops.parameter([1, weight.shape[1], -1, -1, -1], ov.Type.f32, name="features")
+    logits = ops.convolution(slab, ops.constant(weight), [1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1])
+    return trunk, ov.Model([ops.add(logits, ops.constant(bias))], [slab], "head")
+
+
 def openvino_backend(threads: int, model: str | Path | None = None, precision: str = "f32",
                      cache_dir: Path | None = paths.MODELS_DIR / "openvino_cache",
-                     whole_volume: bool = False) -> Backend:
+                     whole_volume: bool = False, head_slab: int = 0) -> Backend:
     """OpenVINO CPU, one infer request whose output buffer is reused.
 
     `precision`: INFERENCE_PRECISION_HINT, "f32" (exact tier) or "bf16" (AMX/AVX-512 bf16, approximate).
     Default: the static patch model, `predict` gives logits. `whole_volume`: instead, one model compiled for
     any input shape with the argmax appended (`labels_any`): no per-case compilation, and no 118-channel
     float32 volume (1.5 GB at 144x144x160) leaves the runtime.
+    `head_slab` > 0 (patch model): the last layer (1x1x1 convolution, 32 -> 118 channels) runs as its own model
+    on `head_slab`-deep slabs of the features (`predict_slabs`): the runtime never holds the 760 MB float32
+    patch logits; the same values bit for bit (tests/test_lean_memory.py).
     """
     ov = import_runtime("openvino")
     model_path = resolve_model(model)
@@ -178,6 +209,8 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
 
     if whole_volume:
         net.reshape({net.inputs[0].get_any_name(): ov.PartialShape([1, 1, -1, -1, -1])})
+        if head_slab:
+            return _openvino_whole_head_slabs(ov, core, net, config, details, head_slab)
         labels_request = core.compile_model(_with_argmax(ov, net), "CPU", config).create_infer_request()
 
         def labels_any(image: np.ndarray) -> np.ndarray:
@@ -192,6 +225,8 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
         from common.model.onnx_meta import require_patch_model
 
         require_patch_model(model_path)  # raises, with the shapes it found
+    if head_slab:
+        return _openvino_head_slabs(ov, core, net, config, details, head_slab)
     request = core.compile_model(net, "CPU", config).create_infer_request()
 
     def predict(patch: np.ndarray) -> np.ndarray:
@@ -199,6 +234,50 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
         return request.get_output_tensor(0).data
 
     return Backend("openvino", predict, details, reuses_output=True)
+
+
+def _openvino_whole_head_slabs(ov, core, net, config: dict, details: dict, depth: int) -> Backend:
+    """The whole-volume labels model as trunk + (head with the argmax) on `depth`-deep slabs: the 118-channel
+    logits of the whole volume never exist inside the runtime, only one slab's."""
+    trunk_model, head_model = split_head(ov, net)
+    trunk = core.compile_model(trunk_model, "CPU", config).create_infer_request()
+    head = core.compile_model(_with_argmax(ov, head_model), "CPU", config).create_infer_request()
+
+    def labels_any(image: np.ndarray) -> np.ndarray:
+        trunk.infer({0: np.ascontiguousarray(image, dtype=np.float32)}, share_inputs=True)
+        features = trunk.get_output_tensor(0).data
+        labels = np.empty((1, 1, *features.shape[2:]), dtype=np.uint8)
+        for z in range(0, features.shape[2], depth):
+            head.infer({0: np.ascontiguousarray(features[:, :, z:z + depth])}, share_inputs=True)
+            labels[:, :, z:z + depth] = head.get_output_tensor(0).data
+        return labels
+
+    return Backend("openvino", None, {**details, "whole_volume": True, "head_slab": depth}, labels_any=labels_any)
+
+
+def _openvino_head_slabs(ov, core, net, config: dict, details: dict, depth: int) -> Backend:
+    """The patch model as trunk + head on slabs (`openvino_backend(head_slab=depth)`)."""
+    trunk_model, head_model = split_head(ov, net)
+    if PATCH_SIZE[0] % depth:
+        raise ValueError(f"head_slab {depth} does not divide the patch depth {PATCH_SIZE[0]}")
+    trunk = core.compile_model(trunk_model, "CPU", config).create_infer_request()
+    head_model.reshape({0: ov.PartialShape([1, head_model.inputs[0].get_partial_shape()[1], depth, *PATCH_SIZE[1:]])})
+    head = core.compile_model(head_model, "CPU", config).create_infer_request()
+
+    def predict_slabs(patch: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        trunk.infer({0: np.ascontiguousarray(patch, dtype=np.float32)}, share_inputs=True)
+        features = trunk.get_output_tensor(0).data
+        for z in range(0, features.shape[2], depth):
+            head.infer({0: np.ascontiguousarray(features[:, :, z:z + depth])}, share_inputs=True)
+            yield z, head.get_output_tensor(0).data[0]
+
+    def predict(patch: np.ndarray) -> np.ndarray:  # the whole patch's logits, for callers that want them at once
+        out = np.empty((1, NUM_CLASSES, *PATCH_SIZE), dtype=np.float32)
+        for z, slab in predict_slabs(patch):
+            out[0, :, z:z + slab.shape[1]] = slab
+        return out
+
+    return Backend("openvino", predict, {**details, "head_slab": depth}, predict_slabs=predict_slabs)
 
 
 def torch_backend(threads: int, weights=None) -> Backend:

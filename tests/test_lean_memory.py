@@ -1,0 +1,191 @@
+"""Lean memory on the exact tier: the same labels with less alive at once, and the per-step measurement.
+
+- streaming accumulation (`sliding_window_labels`, blocks freed once no later tile touches them) gives the
+  labels of the whole-volume accumulator bit for bit, with whole-patch and slab-wise logits;
+- EXACT_STAGES end to end on the 8-tile generated volume: identical labels to the default pipeline;
+- OpenVINO's head on slabs (`head_slab`) gives the patch model's logits bit for bit, and exact_ov_f32's path
+  gives today's labels on a shared CT;
+- the per-step peak is the step's own (VmHWM reset), and workers do not import torch.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common.pipeline import preprocess, sliding_window
+from common.pipeline.run import PipelineConfig, segment_file
+from common.runtime.backends import Backend
+from common.variants.table import EXACT_STAGES
+
+
+def _fake_predict(n_classes, patch, seed=0):
+    """A deterministic position-dependent 'network' with exact ties and float16 subnormals."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n_classes, 1, 1, 1)).astype(np.float32) * 3
+    b = rng.standard_normal((n_classes, *patch)).astype(np.float32)
+
+    def predict(tile):
+        out = w * tile.reshape(patch)[None] + b
+        out[2] = out[1]  # exact ties: the lowest index must win
+        out[3, :2] = 1e-6
+        return out[None]
+    return predict
+
+
+def _slabs_of(predict, depth):
+    def predict_slabs(tile):
+        logits = predict(tile)[0]
+        for z in range(0, logits.shape[1], depth):
+            yield z, np.ascontiguousarray(logits[:, z:z + depth])
+    return predict_slabs
+
+
+@pytest.mark.parametrize("shape", [(40, 23, 30), (29, 17, 9), (16, 16, 16)])
+@pytest.mark.parametrize("slab_depth", [0, 3, 16])
+def test_streaming_labels_bit_exact(shape, slab_depth):
+    # Fails if finish() frees a block the current tile still touches (`finish(z0 + patch[0])`) or if a slab straddling two
+    # blocks is added to one of them only.
+    patch, n_classes = (16, 10, 12), 7
+    image = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    padded, _ = preprocess.pad_to_patch(image, patch)
+    predict = _fake_predict(n_classes, patch)
+    reference = sliding_window.divide_argmax(*sliding_window.sliding_window_accumulate(
+        padded, predict, patch, 0.8, n_classes))
+    np.testing.assert_array_equal(reference, sliding_window.argmax_labels(
+        sliding_window.sliding_window(padded, predict, patch, 0.8, n_classes)))
+    slabs = _slabs_of(predict, slab_depth) if slab_depth else None
+    streamed = sliding_window.sliding_window_labels(padded, predict, patch, 0.8, n_classes, threads=2,
+                                                    predict_slabs=slabs)
+    np.testing.assert_array_equal(streamed, reference)
+    assert sliding_window.count_tiles(shape, patch, 0.8) > 1 or shape == (16, 16, 16)
+
+
+def test_depth_blocks_cover_the_volume_and_split_at_every_tile_edge():
+    blocks = sliding_window._depth_blocks(150, 112, 0.8)
+    assert blocks == [(0, 38), (38, 112), (112, 150)]  # the 8-tile grid: 112 of 150 slices alive at most
+
+
+@pytest.mark.parametrize("slab_depth", [0, 16])
+def test_exact_stages_streamed_on_eight_tiles(slab_depth, generated_volumes, tmp_path):
+    """EXACT_STAGES (streaming, input released) vs the default pipeline on the 8-tile volume: same labels.
+    Fails with `stream_accumulate` blocks finished one tile early, or a label grid from the released input."""
+    from common.model.weights import NUM_CLASSES, PATCH_SIZE
+
+    predict = _fake_predict(NUM_CLASSES, PATCH_SIZE)
+    slabs = _slabs_of(predict, slab_depth) if slab_depth else None
+    backend = Backend("fake", predict, predict_slabs=slabs)
+    assert EXACT_STAGES.stream_accumulate and EXACT_STAGES.release_input
+    image = generated_volumes["eight_tiles"]
+    default = segment_file(image, None, Backend("fake", predict), PipelineConfig())
+    lean = segment_file(image, tmp_path / "lean.nii.gz", backend, EXACT_STAGES)
+    assert lean.n_tiles == 8
+    np.testing.assert_array_equal(lean.labels, default.labels)
+    assert len(np.unique(default.labels)) > 3
+
+
+def _openvino_or_skip(threads, **options):
+    from common.runtime.backends import BackendUnavailable, make_backend
+
+    pytest.importorskip("openvino")
+    try:
+        return make_backend("openvino", threads, precision="f32", model="precise_norm", **options)
+    except (BackendUnavailable, FileNotFoundError, RuntimeError) as exc:
+        pytest.skip(f"no current models/: {exc}")
+
+
+def test_openvino_head_slabs_bit_exact(threads):
+    """Trunk + head on 8-deep slabs = the patch model's logits, bit for bit (fails with a head that drops the
+    bias, or slabs written at the wrong depth)."""
+    from common.model.weights import PATCH_SIZE
+
+    full = _openvino_or_skip(threads)
+    sliced = _openvino_or_skip(threads, head_slab=8)
+    assert sliced.predict_slabs is not None
+    rng = np.random.default_rng(5)
+    for patch in (rng.standard_normal((1, 1, *PATCH_SIZE)).astype(np.float32),
+                  np.clip(rng.normal(0, 0.5, (1, 1, *PATCH_SIZE)), -1, 3).astype(np.float32)):
+        expected = full.predict(patch).copy()
+        got = np.empty_like(expected)
+        depths = []
+        for z, slab in sliced.predict_slabs(patch):
+            got[0, :, z:z + slab.shape[1]] = slab
+            depths.append(z)
+        assert depths == list(range(0, PATCH_SIZE[0], 8))
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_openvino_whole_volume_head_slabs_same_labels(threads):
+    """The whole-volume pass with its head + argmax on slabs = the one-model pass (fails with a slab written at
+    the wrong depth, or a last slab left unwritten when the depth is not a multiple of the slab)."""
+    one = _openvino_or_skip(threads, whole_volume=True)
+    sliced = _openvino_or_skip(threads, whole_volume=True, head_slab=5)  # 48 % 5: a shorter last slab
+    volume = np.clip(np.random.default_rng(6).normal(0, 0.5, (1, 1, 48, 64, 80)), -1, 3).astype(np.float32)
+    np.testing.assert_array_equal(sliced.labels_any(volume), one.labels_any(volume))
+
+
+def test_exact_ov_f32_lean_path_keeps_todays_labels(threads, shared_data, tmp_path):
+    """exact_ov_f32 as it runs now (head on slabs, streaming, input released) vs as it ran before (whole patch
+    logits, whole-volume accumulator): identical labels on the real CT."""
+    from dataclasses import replace
+
+    before = replace(EXACT_STAGES, stream_accumulate=False, release_input=False)
+    image = shared_data / "example_ct.nii.gz"
+    today = segment_file(image, None, _openvino_or_skip(threads), before)
+    lean = segment_file(image, None, _openvino_or_skip(threads, head_slab=8), EXACT_STAGES)
+    np.testing.assert_array_equal(lean.labels, today.labels)
+    assert len(np.unique(today.labels)) > 3
+
+
+def test_stage_peak_is_the_steps_own():
+    """Fails without the VmHWM reset (`reset_peak` returning True without writing): the step after a big one
+    would report the big one's peak."""
+    from common.core.stage_memory import StageMemory
+
+    memory = StageMemory(reset=True)
+    if not memory.available:
+        pytest.skip("/proc/self/clear_refs not writable here")
+    big = np.ones(300 * 2**20 // 8)  # 300 MB, touched, freed before the step ends
+    del big
+    memory.checkpoint("big")
+    small = np.ones(20 * 2**20 // 8)
+    memory.checkpoint("small")
+    del small
+    big_row, small_row = memory.rows
+    assert big_row.peak_mb - big_row.after_mb > 250  # the peak outlives the array
+    assert small_row.peak_mb < big_row.peak_mb - 200
+    assert small_row.after_mb >= big_row.after_mb + 15
+    assert memory.as_dicts()[0]["stage"] == "big"
+
+
+def test_apply_threads_does_not_import_torch():
+    """A worker of ONNX Runtime / OpenVINO must not load torch (550 MB) to set thread counts."""
+    code = ("import sys; from common.core.env import apply_threads; apply_threads(1); "
+            "from common.harness import variant_worker; from common.pipeline import run; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stage_memory_section_reads_the_csv(tmp_path):
+    """05's section: one column per run, the vanilla ratio from the exact runs only (fails if `@before` rows or
+    approximate rows enter the ratio line, or the table is written without tools/stage_memory.py's CSV)."""
+    import csv
+
+    from common.reports import stage_memory_report as smr
+
+    assert smr.section(tmp_path) == []
+    rows = [{"label": label, "case_id": "c", "threads": 2, "stage": stage, "peak_mb": peak, "after_mb": peak - 10,
+             "run_peak_mb": run_peak, "wall_s": 1.0}
+            for label, run_peak in (("exact_a@before", 3000), ("exact_a", 1500), ("approx_b", 900))
+            for stage, peak in (("load", run_peak - 100), ("network_accumulate", run_peak))]
+    rows.append({"label": "vanilla", "case_id": "c", "threads": 2, "stage": "whole run", "peak_mb": 6000,
+                 "after_mb": "", "run_peak_mb": 6000, "wall_s": 9.0})
+    with open(tmp_path / smr.CSV_NAME, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=smr.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    text = "\n".join(smr.section(tmp_path))
+    assert "| network_accumulate | 3000 / 2990 | 1500 / 1490 | 900 / 890 |" in text
+    assert "**6000 MB**" in text and "`exact_a` 0.25 (goal <= 0.33)" in text
