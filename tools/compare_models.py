@@ -8,7 +8,8 @@ Variants run in their own worker process each time, as 05 runs them; the Rust ro
 
     python tools/compare_models.py [--image CT.nii.gz] [--repeats 3] [--threads 2] [--rows a,b,rust] [--out DIR]
 
-Prints one Markdown line per row and model: median and min wall seconds, agreement with vanilla.
+Prints one Markdown line per row and model: wall seconds (median, each run), median network seconds, agreement
+with vanilla.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS), help="variant names and/or rust (default: %(default)s)")
     parser.add_argument("--models", default=",".join(MODELS), help="model names (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/compare_models"),
-                        help="outputs and the vanilla reference (reused when present; default: %(default)s)")
+                        help="outputs and the vanilla reference (reused when present: a new OUT after new weights; "
+                             "default: %(default)s)")
     args = parser.parse_args(argv)
 
     from common.core.env import apply_threads, environment_record
@@ -85,12 +87,14 @@ def main(argv=None) -> int:
     frame = pd.DataFrame(rows)
     print(f"{case.case_id}, {args.threads} threads, {args.repeats} repeats, {environment.get('cpu_model', '?')}, "
           f"weights {environment.get('weights_kind', '?')}")
-    print("| row @ model | median wall s | min wall s | agreement with vanilla | errors |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| row @ model | median wall s | each run's wall s | median network s | agreement with vanilla | errors |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for variant, group in frame.groupby("variant", sort=False):
         ok = group[group.status == "ok"]
         errors = "; ".join(sorted(set(group.loc[group.status != "ok", "error"].astype(str))))
-        print(f"| {variant} | {ok.wall_s.median():.2f} | {ok.wall_s.min():.2f} | "
+        walls = " ".join(f"{w:.2f}" for w in ok.wall_s)
+        network = ok.network_s.median() if "network_s" in ok else float("nan")
+        print(f"| {variant} | {ok.wall_s.median():.2f} | {walls} | {network:.2f} | "
               f"{ok.parity_agreement.mean():.6f} | {errors} |")
     return 1 if bench.any_failed(rows) else 0
 
