@@ -17,14 +17,12 @@ IMPLEMENTATIONS = ("onnx", "torch", "rust")
 
 
 def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
-    from common.model.onnx_meta import check_current_model
     from common.variants.table import Variant, get_variant, make_pipeline_runner
 
     runners, notes = [], []
-    if "onnx" in impls or "rust" in impls:  # both load models/totalseg_fast.onnx
-        check_current_model()
-    if "onnx" in impls:
-        runners.append(make_pipeline_runner("onnx_baseline", get_variant("exact_ort_default"), threads))
+    baseline = get_variant("exact_ort_default")
+    if "onnx" in impls:  # both ONNX rows load their model through backends.resolve_model (stale-model check)
+        runners.append(make_pipeline_runner("onnx_baseline", baseline, threads))
     if "torch" in impls:
         twin = Variant("torch_network", "exact", "torch", "the same pipeline, network run by torch")
         runners.append(make_pipeline_runner("torch_twin", twin, threads))
@@ -38,7 +36,7 @@ def make_runners(impls: list[str], threads: int) -> tuple[list, list[str]]:
             notes.append(f"Rust-ONNX skipped: {reason}")
             print(f"note: Rust-ONNX skipped: {reason}", file=sys.stderr)
         else:
-            runners.append(rust_runner.benchmark_runner(threads))
+            runners.append(rust_runner.benchmark_runner(threads, baseline.backend_options["model"]))
     return runners, notes
 
 

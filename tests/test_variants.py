@@ -3,7 +3,7 @@
 - non-network exactness: every exact-tier pipeline option gives bit-identical labels to the default
   pipeline (same deterministic fake network), and each fast kernel equals its reference bit for bit;
 - torch twin of the exact options: >= 0.99999 vs vanilla (the pipeline is still TotalSegmentator's);
-- each exact variant with its real runtime: >= 0.997 vs vanilla on the shared CTs and on non-RAS,
+- each exact variant with its real runtime: >= parity_bounds.EXACT_MIN vs vanilla on the shared CTs and on non-RAS,
   anisotropic and already-3 mm generated volumes (the same inputs as test_parity, so vanilla runs are shared).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from common.pipeline.run import PipelineConfig, segment_file
 from common.runtime.backends import Backend, BackendUnavailable
 from common.variants.table import EXACT_STAGES, VARIANTS
 
-from parity_bounds import APPROXIMATE_MIN, TWIN_MIN, exact_bound  # noqa: E402
+from parity_bounds import APPROXIMATE_MIN, EXACT_MIN, TWIN_MIN  # noqa: E402
 EXACT = [n for n, v in VARIANTS.items() if v.tier == "exact" and n != "exact_ort_default"]
 APPROXIMATE = [n for n, v in VARIANTS.items() if v.tier == "approximate"]
 INPUTS = ["example_ct.nii.gz", "example_ct_sm.nii.gz", "lps_anisotropic", "ras_3mm"]
@@ -212,8 +212,18 @@ def test_exact_variant_matches_vanilla(variant, name, shared_data, generated_vol
     backend = _variant_backend(variant, threads)
     agreement, _ = _agreement(_input(name, shared_data, generated_volumes), backend, VARIANTS[variant].config,
                               vanilla, tmp_path)
-    bound = exact_bound(VARIANTS[variant].backend_options, name)
-    assert agreement >= bound, f"{variant} on {name}: agreement {agreement:.6f} < {bound}"
+    assert agreement >= EXACT_MIN, f"{variant} on {name}: agreement {agreement:.6f} < {EXACT_MIN}"
+
+
+def test_every_exact_onnx_row_runs_the_exact_model():
+    """One model for the exact tier (backends.EXACT_MODEL, the precise-norm rewrite); the plain export runs only in
+    approximate rows, approx_ort_plain_norm showing its drift."""
+    from common.runtime.backends import EXACT_MODEL, PLAIN_MODEL
+
+    models = {n: v.backend_options.get("model") for n, v in VARIANTS.items() if v.tier == "exact"}
+    assert "exact_ort_default" in models and set(models.values()) == {EXACT_MODEL}, models
+    plain = VARIANTS["approx_ort_plain_norm"]
+    assert (plain.tier, plain.backend, plain.backend_options["model"]) == ("approximate", "onnxruntime", PLAIN_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -138,6 +138,7 @@ def test_export_of_a_truncated_checkpoint_leaves_nothing(stand_in, tmp_path):
 
 
 @pytest.mark.parametrize("backend,options", [("onnxruntime", {}), ("onnxruntime", {"model": "int8"}),
+                                             ("onnxruntime", {"model": "precise_norm"}),
                                              ("openvino", {"precision": "f32"}),
                                              ("openvino", {"model": "precise_norm", "whole_volume": True})])
 def test_every_backend_refuses_a_stale_model(backend, options, onnx_model, threads, monkeypatch):
@@ -150,3 +151,12 @@ def test_every_backend_refuses_a_stale_model(backend, options, onnx_model, threa
     monkeypatch.setattr(weights, "read_model_info", lambda *a, **k: {"checkpoint_sha256": "0" * 64})
     with pytest.raises(WeightsError, match="not the current one 0000000000000000: rerun 02"):
         make_backend(backend, threads, **options)
+
+
+def test_the_rust_row_refuses_a_stale_model(onnx_model, threads, monkeypatch):
+    """The Rust binary is handed its model through the backends' resolution: the same stale-model check."""
+    from common.harness.rust_runner import benchmark_runner
+
+    monkeypatch.setattr(weights, "read_model_info", lambda *a, **k: {"checkpoint_sha256": "0" * 64})
+    with pytest.raises(WeightsError, match="not the current one 0000000000000000: rerun 02"):
+        benchmark_runner(threads)

@@ -14,7 +14,9 @@ class PeakMemory:
     """`with PeakMemory() as peak: ...; peak.mb` -- RSS alone, or PSS summed over the tree with children.
 
     `pid`: the tree's root (default: this process). A root that dies meanwhile counts as 0 from then on,
-    so the caller sees its own error for the death, not the sampler's."""
+    so the caller sees its own error for the death, not the sampler's. This process's tree is this process and
+    the children started while the block runs: a child already running at the start is another's (the Rust
+    row's long-lived worker while an in-process row runs), measured by its own pid."""
 
     def __init__(self, interval: float = 0.05, pid: int | None = None):
         self.interval = interval
@@ -22,14 +24,15 @@ class PeakMemory:
         self._stop = threading.Event()
         try:
             self._process = psutil.Process(pid)
+            self._others = {child.pid for child in self._process.children(recursive=True)} if pid is None else set()
         except psutil.NoSuchProcess:
-            self._process = None
+            self._process, self._others = None, set()
 
     def _tree_rss(self) -> int:
         if self._process is None:
             return 0
         try:
-            children = self._process.children(recursive=True)
+            children = [c for c in self._process.children(recursive=True) if c.pid not in self._others]
             if not children:
                 return self._process.memory_info().rss
         except psutil.NoSuchProcess:

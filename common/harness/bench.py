@@ -1,8 +1,9 @@
 """The timing harness: warm-up, repeats, implementations interleaved case by case, scoring, CSV rows.
 
 A runner is `run(input_path, output_path) -> dict` (stage seconds, n_tiles); the harness measures
-the wall time around it, the peak memory of the process tree (this process's, or the runner's worker's),
-and scores the written labels.
+the wall time around it, the peak memory of the run's own process tree (the runner's worker by its pid, else
+this process and the children it starts during the run: never another runner's worker), and scores the written
+labels.
 """
 from __future__ import annotations
 

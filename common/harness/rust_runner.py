@@ -137,6 +137,10 @@ class RustWorker:
         self._count = 0
         atexit.register(self.close)
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def run(self, input_path: Path, output_path: Path, case_id: str | None = None) -> dict:
         """Segment one case; returns the binary's row (status "ok" or "error" with the reason)."""
         self._count += 1
@@ -167,11 +171,15 @@ class RustWorker:
         self._stderr.close()
 
 
-def benchmark_runner(threads: int, model_path: Path = paths.ONNX_MODEL):
-    """The bench.Runner for the `rust_onnx` row (one worker process for the whole benchmark)."""
-    from common.harness.bench import Runner
+def benchmark_runner(threads: int, model: str | Path | None = None):
+    """The bench.Runner for the `rust_onnx` row (one worker process for the whole benchmark).
 
-    worker = RustWorker(model_path, threads)
+    `model`: as the backends name it (common/runtime/backends.resolve_model, stale-model check included);
+    default: the exact rows' model."""
+    from common.harness.bench import Runner
+    from common.runtime.backends import EXACT_MODEL, resolve_model
+
+    worker = RustWorker(resolve_model(EXACT_MODEL if model is None else model), threads)
 
     def run(input_path: Path, output_path: Path | None) -> dict:
         if output_path is not None:
@@ -183,4 +191,5 @@ def benchmark_runner(threads: int, model_path: Path = paths.ONNX_MODEL):
             raise RuntimeError(row.get("error") or "totalseg-rust failed")
         return {k: row[k] for k in (*TIMING_KEYS, "n_tiles", "network_s") if k in row}
 
-    return Runner("rust_onnx", "ort_c_api", "exact", run)
+    # the row's peak memory is the binary's own process, not the Python process that feeds it
+    return Runner("rust_onnx", "ort_c_api", "exact", run, memory_pid=lambda: worker.pid, close=worker.close)

@@ -42,10 +42,11 @@ def static_notes(notes: list[str], peaks) -> list[str]:
              "- With stand-in weights the approximate rows show **drift from vanilla only** (every voxel sits near a "
              "tie) and Dice vs GT reads n/a; with the proxy (trained-like margins) drift and Dice vs GT are "
              "meaningful for the proxy; with the real weights they are TotalSegmentator's own.",
-             "- `exact_ov_f32` runs the ONNX model with each InstanceNormalization rewritten as the same math with "
+             "- Every exact row runs the ONNX model with each InstanceNormalization rewritten as the same math with "
              "short-block sums (common/model/precise_norm.py): OpenVINO's (and ORT's) one-pass float32 statistics over a "
              "1.6 M-voxel channel are off by ~1e-4 relative, torch's are not, and that was most of the drift of "
-             "the ONNX rows from vanilla. `approx_ov_f32_onepass_norm` is the same runtime on the unmodified model.",
+             "the ONNX rows from vanilla. `approx_ort_plain_norm` and `approx_ov_f32_onepass_norm` are the same "
+             "runtimes on the unmodified model.",
              "- INT8 models are calibrated on phantoms generated for calibration only (seeds 1001, 1002), never "
              "on evaluation cases.",
              "- Whole-volume rows: `n_tiles` is the padded volume in patch equivalents; one OpenVINO model compiled "

@@ -45,19 +45,26 @@ def import_runtime(module: str):
         raise BackendUnavailable(f"{module} not installed: {exc}") from None
 
 
+# The model every exact-tier ONNX row runs (the exact variants, 04's baseline, the Rust binary): the plain
+# export's one-pass InstanceNorm sums drift 0.3-0.6% of labels from vanilla on stand-in weights.
+EXACT_MODEL = "precise_norm"
+PLAIN_MODEL = "plain"
+
+
 def resolve_model(model: str | Path | None) -> Path:
     """The one rule for which ONNX file a backend loads.
 
-    `None`/"fp32" = the exported model; "precise_norm" = the same with short-block InstanceNorm sums
-    (common/model/precise_norm.py); "int8" = its calibrated QDQ copy (common/model/quantize.py): each
-    checked against the checkpoint model_info.json names (stale models/ are refused). A path = that file
-    as it is (tests, one-off runs). Every one must be the static patch model (common/model/onnx_meta.py).
+    `None`/"plain" (or "fp32") = the exported model; "precise_norm" (EXACT_MODEL) = the same with short-block
+    InstanceNorm sums (common/model/precise_norm.py); "int8" = its calibrated QDQ copy
+    (common/model/quantize.py): each checked against the checkpoint model_info.json names (stale models/ are
+    refused). A path = that file as it is (tests, one-off runs). Every one must be the static patch model
+    (common/model/onnx_meta.py).
     """
     from common.model.onnx_meta import check_current_model
 
-    if model in (None, "fp32"):
+    if model in (None, PLAIN_MODEL, "fp32"):
         return check_current_model()
-    if model == "precise_norm":
+    if model == EXACT_MODEL:
         from common.model.precise_norm import ensure_precise_norm_model
 
         check_current_model()

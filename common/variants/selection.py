@@ -14,7 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-PARITY_MIN = 0.997  # exact tier: voxel agreement with vanilla (float rounding only; stand-in weights' near-ties)
+# The exact tier's bound, here and in the tests (tests/parity_bounds.py): voxel agreement with vanilla. Every exact
+# row runs the precise-norm model (backends.EXACT_MODEL) and measured 0.99998-1.0 (stand-in and proxy weights, real
+# and generated CTs); the plain export's 0.994-0.997 stays below it.
+PARITY_MIN = 0.9999
 FALLBACK_VARIANT = "exact_ort_default"  # what 06 and segment mode run when no variant passes (ONNX Runtime, default session)
 TIERS = ("exact", "approximate")
 
