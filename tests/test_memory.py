@@ -49,7 +49,7 @@ def test_each_row_measures_its_own_process_tree_in_one_run():
     inside its run while that child is alive. Each row's peak is its own tree's: the child's 400 MB only in its own
     row, and the parent's 150 MB not in the worker's."""
     probe = "\n".join([
-        "import subprocess, sys, tempfile",
+        "import subprocess, sys, tempfile, time",
         "from pathlib import Path",
         "import nibabel as nib, numpy as np",
         "from common.harness.bench import Runner, run_benchmark",
@@ -61,7 +61,9 @@ def test_each_row_measures_its_own_process_tree_in_one_run():
         "    path.parent.mkdir(parents=True, exist_ok=True)",
         "    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), path)",
         "def in_process(image, out):",
-        "    block = np.ones(150 * 2**20 // 8); block.sum(); labels(out); del block",
+        "    block = np.ones(150 * 2**20 // 8); block.sum(); labels(out)",
+        "    time.sleep(0.5)  # held while the 50 ms sampler runs (np.ones and sum keep the GIL)",
+        "    del block",
         "    return {}",
         "def worker(image, out):",
         "    labels(out)",

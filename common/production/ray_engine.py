@@ -169,12 +169,25 @@ class _Pool:
                  + (f", warm-up {info['warmup_s']:.1f} s" if info["warmup_s"] else ""))
         self.idle.append(w)
 
-    def kill_all(self) -> None:
+    def kill_all(self, wait_s: float = 5.0) -> None:
+        """Kill every actor and wait (up to `wait_s`) until those on this machine are gone: a partial output
+        is removed only after its writer can no longer recreate it."""
+        import psutil
+
         for actor in self.actors.values():
             try:
                 self.ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        local = []
+        for w in self.actors:
+            try:
+                proc = psutil.Process(self.info.get(w, {}).get("pid") or -1)
+                if "SegmentWorker" in " ".join(proc.cmdline()):
+                    local.append(proc)
+            except (psutil.Error, ValueError):
+                pass  # another node's actor, or already gone
+        psutil.wait_procs(local, timeout=wait_s)
         self.actors.clear()
 
 
@@ -311,9 +324,9 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
                 finish(index, row)
                 pool.idle.append(w)
     finally:
+        pool.kill_all()  # first: an actor still writing would recreate the file removed below
         for ref, (_, index) in running.items():
             remove_partial(jobs[index].output)
-        pool.kill_all()
     return rows
 
 
