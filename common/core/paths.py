@@ -19,3 +19,5 @@ def shared_data_dir() -> Path:
 def totalseg_home() -> Path:
     """Project-local TotalSegmentator home (weights + config), overridable with ``TOTALSEG_HOME_DIR``."""
     return Path(os.environ.get("TOTALSEG_HOME_DIR", MODELS_DIR / "totalseg_home"))
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # what the suite reads as a CT volume

@@ -29,11 +29,11 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
+from common.core.paths import NIFTI_SUFFIXES
 from common.data import phantoms
 from common.data.download import DownloadError, download, extract, file_hash
 
 COLUMNS = ("case_id", "image", "label", "label_map", "source", "shape", "spacing", "orientation", "sha256")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DEFAULT_EXCLUDE = ("*seg*", "*label*", "*mask*")
 
 

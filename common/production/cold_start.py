@@ -78,6 +78,6 @@ def cold_start(case, variant: str, threads: int, cpus: list[int], tmp_root: Path
 
 
 def _stem(path) -> str:
-    from common.production.segment_cli import nifti_stem
+    from common.production.segment_inputs import nifti_stem
 
     return nifti_stem(Path(path))

@@ -21,7 +21,7 @@ def _err(message: str) -> None:
 def plan_jobs(files: list[Path], out_dir: Path) -> tuple[list, list[tuple[str, str]]]:
     """(jobs, (input, reason) errors): the local engine's checks, before anything runs."""
     from common.production.ray_engine import Job
-    from common.production.segment_cli import output_for
+    from common.production.segment_inputs import output_for
 
     jobs, errors, seen = [], [], {}
     for path in files:
@@ -41,7 +41,7 @@ def segment_on_ray(args) -> int:
     from common.production.ray_cluster import ClusterError
     from common.production.ray_engine import (RESULTS, EngineSettings, WorkerStartError, finished, read_manifest,
                                               write_results)
-    from common.production.segment_cli import default_variant, expand_inputs
+    from common.production.segment_inputs import default_variant, expand_inputs
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     threads = args.threads or 1
