@@ -77,14 +77,12 @@ class Failed:
 
 def peak_rss_mb() -> float:
     """Peak RSS of this process in MB: VmHWM of the current image (ru_maxrss can include pre-exec memory)."""
+    from common.core.stage_memory import status_mb
+
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return status_mb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def describe_exit(exitcode: int | None) -> str:
