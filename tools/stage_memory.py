@@ -114,7 +114,11 @@ def main(argv=None) -> int:
     from common.reports.stage_memory_report import section
 
     markdown = path.with_suffix(".md")
-    markdown.write_text("\n".join(["# Memory per step", *section(args.out)[1:]]) + "\n")
+    from common.model.weights import read_model_info, weights_banner
+    from common.reports.environment import environment_lines
+
+    markdown.write_text("\n".join(["# Memory per step", "", weights_banner(read_model_info()), "",
+                                   *environment_lines(threads=args.threads), *section(args.out)[1:]]) + "\n")
     print(f"wrote {path} and {markdown.name}")
     return 0
 
