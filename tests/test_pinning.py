@@ -1,4 +1,4 @@
-"""Pinned child processes: affinity and thread env really applied, errors surfaced, queue of items."""
+"""Pinned child processes: affinity and thread env really applied, errors surfaced."""
 import os
 import sys
 import time
@@ -11,7 +11,6 @@ from common.production.pinning import (
     PinnedChildError,
     memory_fits,
     run_pinned,
-    run_queue,
     taskset_command,
 )
 
@@ -36,23 +35,6 @@ def add(a, b=0):
 
 def die(code):
     os._exit(code)
-
-
-def queue_item(item):
-    kind, log = item
-    return report_affinity(kind, log=log)
-
-
-def crash_on_item(item):
-    if item == "crash":
-        os._exit(3)
-    return item
-
-
-def allocate_mb(mb):
-    block = bytearray(mb * 2**20)
-    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page so it is resident
-    return len(block)
 
 
 @pytest.mark.parametrize("cpus", [AFFINITY[:1], AFFINITY[-1:]], ids=["first", "last"])
@@ -108,48 +90,6 @@ def test_run_pinned_rejects_bad_requests():
         run_pinned(AFFINITY[:1], lambda: 1)
 
 
-@pytest.mark.skipif(len(AFFINITY) < 2, reason=f"needs 2 CPUs in the affinity mask, this process has {AFFINITY}")
-def test_run_queue_two_pinned_workers(tmp_path):
-    log = tmp_path / "calls.log"
-    cpusets = [[AFFINITY[0]], [AFFINITY[1]]]
-    kinds = ["a", "b", "fail", "c", "d", "e"]
-    t0 = time.time()
-    results = run_queue(cpusets, queue_item, [(k, str(log)) for k in kinds])
-
-    assert [r.index for r in results] == list(range(len(kinds)))
-    calls = [line.split()[0] for line in log.read_text().splitlines()]
-    assert sorted(calls) == sorted(k for k in kinds if k != "fail"), "every item processed exactly once"
-    assert {r.worker for r in results} == {0, 1}
-    for kind, r in zip(kinds, results):
-        assert r.cpus == cpusets[r.worker]
-        assert t0 <= r.start <= r.end <= time.time()
-        assert r.peak_rss_mb > 1
-        if kind == "fail":
-            assert r.status == "error" and r.value is None
-            assert r.error == "ValueError: boom on purpose"
-        else:
-            affinity, env, tag = r.value
-            assert r.status == "ok" and tag == kind
-            assert affinity == cpusets[r.worker], "child must run exactly on its worker's cpuset"
-            assert env["OMP_NUM_THREADS"] == "1"
-
-
-def test_run_queue_survives_a_dead_worker():
-    # Both workers may share a CPU: run_queue does not require disjoint sets, so this runs on 1 CPU too.
-    items = ["a", "crash", "b", "c", "d"]
-    results = run_queue([AFFINITY[:1], AFFINITY[:1]], crash_on_item, items)
-    assert [r.status for r in results] == ["ok", "error", "ok", "ok", "ok"]
-    assert [r.value for r in results if r.status == "ok"] == ["a", "b", "c", "d"]
-    assert "died (exit code 3)" in results[1].error
-
-
-def test_run_queue_unpicklable_item_and_empty_input():
-    results = run_queue([AFFINITY[:1]], crash_on_item, ["a", lambda: 0, "b"])
-    assert [r.status for r in results] == ["ok", "error", "ok"]
-    assert "not picklable" in results[1].error
-    assert run_queue([AFFINITY[:1]], crash_on_item, []) == []
-
-
 def test_function_not_importable_in_child(monkeypatch):
     # A function the parent can pickle but the child cannot import (its module exists only here).
     ghost = types.ModuleType("ghost_module_for_pinning_test")
@@ -157,15 +97,6 @@ def test_function_not_importable_in_child(monkeypatch):
     monkeypatch.setitem(sys.modules, ghost.__name__, ghost)
     with pytest.raises(PinnedChildError, match="ModuleNotFoundError"):
         run_pinned(AFFINITY[:1], ghost.fn)
-    results = run_queue([AFFINITY[:1], AFFINITY[:1]], ghost.fn, [1, 2, 3])
-    assert [r.status for r in results] == ["error"] * 3
-    assert all("failed to start: ModuleNotFoundError" in r.error for r in results)
-
-
-def test_run_queue_reports_worker_peak_rss():
-    (result,) = run_queue([AFFINITY[:1]], allocate_mb, [64])
-    assert result.status == "ok" and result.value == 64 * 2**20
-    assert result.peak_rss_mb >= 64
 
 
 def test_taskset_command():

@@ -120,7 +120,7 @@ def test_worker_count_that_does_not_fit_is_refused(tmp_path):
 
 @pytest.mark.skipif(len(AFFINITY) < 2, reason="needs 2 CPUs in the affinity mask")
 def test_throughput_two_pinned_workers_two_cases(tmp_path, shared_data, onnx_model):
-    """W=2 x T=1 on the two smallest shared CTs: a real queue of pinned workers."""
+    """W=2 x T=1 on the two smallest shared CTs: two self-pinning Ray actors on an embedded instance."""
     topo = read_topology()
     cases = [case("example_ct_sm", shared_data / "example_ct_sm.nii.gz"), case("example_ct", shared_data / "example_ct.nii.gz")]
     latency, _ = synthetic({1: 10.0}, {}, variant="exact_ort_default")
@@ -138,6 +138,8 @@ def test_throughput_two_pinned_workers_two_cases(tmp_path, shared_data, onnx_mod
     sets = list(items.worker_cpus)
     assert len(set(sets)) == 2 and all(len(s.split(",")) == 1 and "-" not in s for s in sets), sets
     assert list(items.child_affinity) == sets, "each worker ran on exactly its own CPU"
+    assert row["source"] == sweeps.SOURCE_RAY and sorted(row["cpusets"].split()) == sorted(sets)
+    assert all(Path(o).is_file() for o in items.output)
     # Both workers overlapped in time: the queue really ran them in parallel.
     assert max(items.start) < min(items.end)
     for r in items.itertuples():

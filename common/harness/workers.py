@@ -1,7 +1,7 @@
 """The one spawn-and-pipe worker protocol: a child process set up once, then serving jobs one at a time.
 
 Used by 05's variant workers (harness/variant_worker.py) and 06's pinned children (production/pinning.py:
-`run_pinned`, `run_queue`). Every message is a named dataclass below, never a tuple read by position:
+`run_pinned`). Every message is a named dataclass below, never a tuple read by position:
 
     parent -> child   Job(index, payload)            one unit of work; Stop() (or the pipe closing): exit
     child -> parent   Ready()                        set up, serving

@@ -1,16 +1,17 @@
-"""06 ``--engines local,ray``: the same cohort and W x T on the local pool and on Ray, interleaved.
+"""06 ``--engines ray,ray-noprefetch``: Ray's start-up, its own memory, the prefetch gain and the N-node projection.
 
-Each repeat runs the local pool (``pinning.run_queue``, one pinned process per CPU set) and an embedded
-Ray instance (``ray_engine.run_cohort``, one self-pinning actor per worker) on the same cohort, the engines
-alternating order from repeat to repeat. Reported per run: cases/hour over the whole cohort (workers'
-start, pipeline build and warm-up included; Ray's ``ray.init`` not) and in steady state (first case start
-to last case end), Ray's start-up time and the RSS of Ray's own processes. ``ray-noprefetch`` is Ray
-without the actor's read-ahead of its next case: the prefetch's gain. The scaling projection for N
-nodes uses Ray's measured per-worker throughput and the bytes each case reads and writes on shared storage.
+Each repeat runs the same cohort and W x T on a fresh embedded Ray instance (``ray_cohort.run_measured``),
+the engines alternating order from repeat to repeat. Reported per run: cases/hour over the whole cohort
+(actors' start, pipeline build and warm-up included; ``ray.init`` not) and in steady state (first case start
+to last case end), Ray's start-up time and the RSS of Ray's own processes. ``ray-noprefetch`` is Ray without
+the actor's read-ahead of its next case: the prefetch's gain. The projection for N nodes uses Ray's measured
+per-worker throughput and the bytes each case reads and writes on shared storage.
+
+The local process pool this section once compared Ray with is deleted: on this machine Ray came within 3 %
+of it (README, "Cohorts on Ray"), so one engine is enough.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,53 +30,26 @@ def cohort(cases: list, workers: int, out_dir: Path, engine: str, repeat: int) -
              str(folder / f"{cases[i % len(cases)].case_id}__{i}.nii.gz")) for i in range(n)]
 
 
-def _local(items, variant, workers, threads, warmup, topology) -> dict:
-    from common.production.pinning import run_queue
-    from common.production.sweeps import throughput_item
-    from common.production.topology import plan_worker_cpusets
-
-    cpusets = plan_worker_cpusets(topology, workers, threads)
-    start = time.time()
-    results = run_queue(cpusets, throughput_item, [(variant, threads, warmup, *item) for item in items])
-    wall = time.time() - start
-    ok = [r.value for r in results if r.status == "ok"]
-    errors = sorted({r.error for r in results if r.status != "ok"})
-    span = (max(v["end"] for v in ok) - min(v["start"] for v in ok)) if ok else np.nan
-    return {"ok": len(ok), "wall_s": wall, "steady_s": span, "startup_s": 0.0, "error": "; ".join(errors)}
-
-
-def _ray(items, variant, workers, threads, warmup, out_dir, prefetch: bool = True) -> tuple[dict, list[dict]]:
+def _ray(items, variant, workers, threads, warmup, out_dir, prefetch: bool = True) -> dict:
     from common.production import ray_cluster
-    from common.production.ray_engine import EngineSettings, Job, run_cohort
+    from common.production.ray_cohort import embedded_ray, run_measured
 
-    connection = ray_cluster.connect(None)
-    try:
+    with embedded_ray() as connection:
         ray_rss = ray_cluster.ray_system_rss_mb()
         memory_mb, _ = ray_cluster.worker_memory_mb(variant, out_dir)
-        workers, _ = ray_cluster.plan_workers(workers, threads, memory_mb)
-        settings = EngineSettings(variant=variant, workers=workers, threads=threads, memory_mb=memory_mb,
-                                  warmup_input=items[0][1] if warmup else None, prefetch=prefetch)
-        jobs = [Job(image, output) for _, image, output in items]
-        start = time.time()
-        rows = run_cohort(jobs, settings, Path(items[0][2]).parent, lambda row: None, log=lambda m: None)
-        wall = time.time() - start
-    finally:
-        ray_cluster.shutdown(connection)
-    ok = [r for r in rows if r["status"] == "ok"]
-    span = (max(r["end"] for r in ok) - min(r["start"] for r in ok)) if ok else np.nan
-    errors = sorted({r["error"] for r in rows if r["status"] != "ok"})
-    summary = {"ok": len(ok), "wall_s": wall, "steady_s": span, "startup_s": connection.startup_s,
-               "ray_rss_mb": ray_rss, "worker_peak_rss_mb": max((r.get("peak_rss_mb") or 0 for r in ok), default=np.nan),
-               "input_mb": np.mean([r["input_bytes"] for r in ok]) / 2**20 if ok else np.nan,
-               "output_mb": np.mean([r["output_bytes"] for r in ok]) / 2**20 if ok else np.nan,
-               "prefetched": sum(bool(r.get("prefetched")) for r in ok),
-               "load_s": float(np.median([r.get("load_s") or 0 for r in ok])) if ok else np.nan,
-               "error": "; ".join(errors)}
-    return summary, rows
+        run = run_measured(items, variant, workers, threads, memory_mb, bool(warmup), prefetch)
+    ok = run.ok
+    return {"ok": len(ok), "wall_s": run.wall_s, "steady_s": run.steady_s, "startup_s": connection.startup_s,
+            "ray_rss_mb": ray_rss, "worker_peak_rss_mb": max((r.get("peak_rss_mb") or 0 for r in ok), default=np.nan),
+            "input_mb": np.mean([r["input_bytes"] for r in ok]) / 2**20 if ok else np.nan,
+            "output_mb": np.mean([r["output_bytes"] for r in ok]) / 2**20 if ok else np.nan,
+            "prefetched": sum(bool(r.get("prefetched")) for r in ok),
+            "load_s": float(np.median([r.get("load_s") or 0 for r in ok])) if ok else np.nan,
+            "error": "; ".join(sorted({r["error"] for r in run.rows if r["status"] != "ok"}))}
 
 
 def compare_engines(engines: list[str], cases: list, variant: str, workers: int, threads: int, repeats: int,
-                    warmup: int, topology, out_dir: Path, log=print) -> pd.DataFrame:
+                    warmup: int, out_dir: Path, log=print) -> pd.DataFrame:
     """One row per (repeat, engine): cases/hour over the cohort and in steady state, and Ray's costs."""
     rows = []
     for repeat in range(repeats):
@@ -86,10 +60,7 @@ def compare_engines(engines: list[str], cases: list, variant: str, workers: int,
                     "items": len(items)}
             log(f"engines: repeat {repeat + 1}/{repeats}, {engine}, {workers}x{threads}, {len(items)} cases")
             try:
-                if engine == "local":
-                    result = _local(items, variant, workers, threads, warmup, topology)
-                else:
-                    result, _ = _ray(items, variant, workers, threads, warmup, out_dir, engine != "ray-noprefetch")
+                result = _ray(items, variant, workers, threads, warmup, out_dir, engine != "ray-noprefetch")
             except Exception as exc:  # noqa: BLE001 - one engine failing leaves the other's numbers
                 rows.append({**base, "status": "error", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"})
                 continue
@@ -105,44 +76,33 @@ def _f(value, digits: int = 1) -> str:
 
 
 def engines_markdown(frame: pd.DataFrame) -> str:
-    """The report section: per-run table, medians, overhead, Ray's costs and the N-node projection."""
-    lines = ["## Engines: local pool vs Ray (same cohort, same W x T, interleaved)", ""]
+    """The report section: per-run table, Ray's costs, the prefetch gain and the N-node projection."""
+    lines = ["## Ray: start-up, memory, prefetch and scaling (same cohort, same W x T, interleaved)", ""]
     if frame.empty:
-        return "\n".join(lines + ["Not measured (run with `--engines local,ray`).", ""])
+        return "\n".join(lines + ["Not measured (run with `--engines ray,ray-noprefetch`).", ""])
     lines += ["| Repeat | Engine | W x T | Cases | Cohort wall (s) | Cases/hour (cohort) | Cases/hour (steady) | "
               "ray.init (s) | Ray processes RSS (MB) | Status |",
               "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in frame.to_dict("records"):
         lines.append(f"| {r['repeat'] + 1} | {r['engine']} | {r['workers']}x{r['threads']} | {r.get('ok', 0):.0f}/"
                      f"{r['items']} | {_f(r.get('wall_s'))} | {_f(r.get('cases_per_hour'), 0)} | "
-                     f"{_f(r.get('steady_cases_per_hour'), 0)} | "
-                     f"{_f(r.get('startup_s')) if r['engine'] != 'local' else '–'} | "
-                     f"{_f(r.get('ray_rss_mb'), 0) if r['engine'] != 'local' else '–'} | "
+                     f"{_f(r.get('steady_cases_per_hour'), 0)} | {_f(r.get('startup_s'))} | "
+                     f"{_f(r.get('ray_rss_mb'), 0)} | "
                      f"{r['status']}{': ' + r['error'] if isinstance(r.get('error'), str) and r['error'] else ''} |")
     ok = frame[frame.status == "ok"]
     med = ok.groupby("engine")[["cases_per_hour", "steady_cases_per_hour"]].median() if not ok.empty else None
-    lines += ["", "Cohort wall = the engine's call, workers' start, pipeline build and warm-up included (Ray's "
-              "`ray.init` excluded: it is the ray.init column); steady = first case start to last case end."]
-    if med is not None and {"local", "ray"} <= set(med.index):
-        for column, label in (("cases_per_hour", "cohort"), ("steady_cases_per_hour", "steady state")):
-            local, ray = med.loc["local", column], med.loc["ray", column]
-            lines.append(f"- Median cases/hour ({label}): local {local:.0f}, Ray {ray:.0f}: Ray's overhead "
-                         f"{100 * (local - ray) / local:+.1f} % of the local pool's throughput.")
-        overhead = 100 * (med.loc["local", "steady_cases_per_hour"] - med.loc["ray", "steady_cases_per_hour"]) \
-            / med.loc["local", "steady_cases_per_hour"]
-        spread = ok.groupby("engine").steady_cases_per_hour.agg(lambda v: v.max() / v.min() if len(v) > 1 else 1.0)
-        if spread.max() > NOISY_SPREAD:
-            lines.append(f"- **Not conclusive:** one engine's repeats differ by {spread.max():.1f}x (more than "
-                         f"{NOISY_SPREAD}x): the machine was not quiet. Rerun on an otherwise idle machine before "
-                         "choosing an engine by these numbers.")
-        else:
-            lines.append("- " + ("Under 3 %: one engine would be enough." if overhead < 3 else
-                                 "3 % or more: the local pool stays the default on one machine."))
+    lines += ["", "Cohort wall = the engine's call, actors' start, pipeline build and warm-up included (`ray.init` "
+              "excluded: it is the ray.init column); steady = first case start to last case end. The local process "
+              "pool is not a row: it was deleted once Ray measured within 3 % of it on one machine (README)."]
     if med is not None and {"ray", "ray-noprefetch"} <= set(med.index):
+        spread = ok.groupby("engine").steady_cases_per_hour.agg(lambda v: v.max() / v.min() if len(v) > 1 else 1.0)
         gain = 100 * (med.loc["ray", "steady_cases_per_hour"] / med.loc["ray-noprefetch", "steady_cases_per_hour"] - 1)
         load = ok[ok.engine == "ray-noprefetch"].load_s.median()
         lines.append(f"- Prefetch of the next case (read + decode while the network runs): {gain:+.1f} % steady "
                      f"cases/hour vs Ray without it (reading took {load:.2f} s per case here).")
+        if spread.max() > NOISY_SPREAD:
+            lines.append(f"- **Not conclusive:** one engine's repeats differ by {spread.max():.1f}x (more than "
+                         f"{NOISY_SPREAD}x): the machine was not quiet. Rerun on an otherwise idle machine.")
     ray_ok = ok[ok.engine == "ray"]
     if not ray_ok.empty:
         lines += [f"- Ray start-up (`ray.init`, embedded): median {ray_ok.startup_s.median():.1f} s; Ray's own "

@@ -16,7 +16,6 @@ import shlex
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -38,26 +37,6 @@ class PinnedChildError(RuntimeError):
         super().__init__(message)
         self.exc_type = exc_type
         self.child_traceback = child_traceback
-
-
-@dataclass
-class ItemResult:
-    """Outcome of one item of :func:`run_queue`."""
-
-    index: int
-    status: str  # "ok" or "error"
-    value: Any = None
-    error: str | None = None  # one-line reason when status == "error"
-    worker: int | None = None
-    cpus: list[int] | None = None
-    start: float | None = None  # time.time() when fn(item) started
-    end: float | None = None
-    peak_rss_mb: float | None = None  # peak RSS of the worker process so far (covers its earlier items too)
-
-    @property
-    def wall_s(self) -> float | None:
-        """Wall-clock seconds of fn(item), if it ran."""
-        return None if self.start is None or self.end is None else self.end - self.start
 
 
 def thread_env(n_threads: int) -> dict[str, str]:
@@ -158,7 +137,7 @@ def _pinned_setup(cpus: list[int], payload: bytes) -> Callable[[], Callable[[Any
 
 
 def _pinned_worker(conn, cpus: list[int], fn_payload: bytes) -> None:
-    """A pinned child of run_pinned / run_queue: common/harness/workers.py's protocol, each Job's payload one
+    """A pinned child of run_pinned: common/harness/workers.py's protocol, each Job's payload one
     item for fn."""
     workers.serve(conn, _pinned_setup(cpus, fn_payload))
 
@@ -212,108 +191,3 @@ def run_pinned(cpus: Sequence[int], fn: Callable, *args: Any, **kwargs: Any) -> 
     raise PinnedChildError(f"{name} failed in pinned child on {where}: {message.reason}\n"
                            f"Child traceback:\n{message.traceback}", exc_type=message.kind,
                            child_traceback=message.traceback)
-
-
-def run_queue(worker_cpusets: Sequence[Sequence[int]], fn: Callable, items: Sequence[Any]) -> list[ItemResult]:
-    """Process ``items`` with one pinned worker process per CPU set; return one ItemResult per item, in order.
-
-    Workers pull the next item as soon as they are free (the parent dispatches a shared queue).
-    ``fn`` must be a picklable module-level function of one argument. An item whose ``fn`` raises,
-    or whose worker dies, becomes a status "error" result; the other items go on.
-    """
-    cpusets = [_validate_cpus(c) for c in worker_cpusets]
-    if not cpusets:
-        raise ValueError("run_queue needs at least one worker CPU set")
-    items = list(items)
-    if not items:
-        return []
-    fn_payload = _pickle_call(fn)
-    results: list[ItemResult | None] = [None] * len(items)
-    pending = list(range(len(items)))[::-1]  # stack: pop() yields items in order
-    in_flight: dict[int, int | None] = {}
-    conns, processes = [], []
-    death_reasons: list[str] = []
-
-    def where(w: int) -> str:
-        return f"worker {w} (CPUs {format_cpu_list(cpusets[w])})"
-
-    def dispatch(w: int) -> None:
-        while pending:
-            index = pending.pop()
-            try:
-                conns[w].send(workers.Job(index, items[index]))
-            except OSError:  # worker already gone; its EOF is handled by the receive loop
-                pending.append(index)
-                in_flight[w] = None
-                return
-            except Exception as exc:  # pickling the item failed before anything was written
-                results[index] = ItemResult(index, "error", error=f"item not picklable: {one_line(exc)}")
-                continue
-            in_flight[w] = index
-            return
-        in_flight[w] = None
-        try:
-            conns[w].send(workers.Stop())
-        except OSError:
-            pass
-
-    def finish(w: int, message) -> None:
-        """One named message from worker w (workers.py): a job's result, or its set-up failure."""
-        if isinstance(message, workers.Ready):
-            return
-        if isinstance(message, workers.SetupFailed):  # its item was not attempted: back to the queue
-            index = in_flight.pop(w, None)
-            if index is not None:
-                pending.append(index)
-            death_reasons.append(f"{where(w)} failed to start: {message.reason}")
-            processes[w].join()
-            alive.discard(w)
-            return
-        ok = isinstance(message, workers.Done)
-        index = message.index if message.index is not None else in_flight.get(w)
-        results[index] = ItemResult(index, "ok" if ok else "error",
-                                            value=message.value if ok else None, error=None if ok else message.reason,
-                                            worker=w, cpus=cpusets[w], start=message.start, end=message.end,
-                                            peak_rss_mb=message.peak_rss_mb)
-        dispatch(w)
-
-    alive: set[int] = set()
-    try:
-        for cpus in cpusets:
-            process, conn = _start_pinned_worker(cpus, fn_payload)
-            processes.append(process)
-            conns.append(conn)
-        alive = set(range(len(cpusets)))
-        for w in range(len(cpusets)):
-            dispatch(w)
-        while alive:
-            ready = multiprocessing.connection.wait([conns[w] for w in alive])
-            for conn in ready:
-                w = conns.index(conn)
-                try:
-                    message = conn.recv()
-                except EOFError:  # worker gone: finish its item as an error
-                    processes[w].join()
-                    alive.discard(w)
-                    reason = f"{where(w)} died ({workers.describe_exit(processes[w].exitcode)})"
-                    index = in_flight.pop(w, None)
-                    if index is not None:
-                        results[index] = ItemResult(index, "error", error=f"{reason} while processing this item",
-                                                    worker=w, cpus=cpusets[w])
-                    if processes[w].exitcode != 0:
-                        death_reasons.append(reason)
-                    continue
-                finish(w, message)
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.join(timeout=5)
-            if process.is_alive():
-                process.terminate()
-                process.join()
-        for conn in conns:
-            conn.close()
-
-    reason = "; ".join(death_reasons) or "no worker left"
-    return [r if r is not None else ItemResult(i, "error", error=f"not processed: {reason}")
-            for i, r in enumerate(results)]

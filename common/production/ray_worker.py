@@ -150,7 +150,8 @@ class SegmentWorker:
     def process(self, input_path: str, output_path: str, next_input: str | None = None) -> dict:
         """One case: its stage timings, CPU set and input hash; a bad input is status "error", not an exception."""
         start = time.time()
-        row = {"pid": os.getpid(), "node": self.node, "cpus": list(self.cpus), "start": start, "prefetched": False}
+        row = {"pid": os.getpid(), "node": self.node, "cpus": list(self.cpus),
+               "affinity": sorted(os.sched_getaffinity(0)), "start": start, "prefetched": False}
         pending, self._next = self._next, None
         try:
             if pending is not None and pending[0] == input_path:

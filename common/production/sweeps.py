@@ -1,13 +1,15 @@
 """06: the latency and throughput sweeps (pinning, thread counts, workers).
 
 Everything scales from the machine: thread counts and worker layouts come from the topology of the
-process's affinity mask (L3 domains, NUMA nodes), never from constants. Work runs in pinned child
-processes (``common.production.pinning``); backends are built inside the children.
+process's affinity mask (L3 domains, NUMA nodes), never from constants. The latency sweep runs one pinned
+child process per point (``common.production.pinning.run_pinned``); the throughput sweep runs W
+self-pinning Ray actors (``common.production.ray_cohort``). Backends are built inside the children.
 """
 from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +18,11 @@ import pandas as pd
 
 from common.core import paths
 from common.core.formatting import one_line
-from common.production.pinning import memory_fits, run_pinned, run_queue
+from common.production.pinning import memory_fits, run_pinned
 from common.production.topology import Topology, format_cpu_list, plan_worker_cpusets
 
 RSS_MARGIN = 1.15  # headroom on the measured peak RSS when deciding whether W workers fit
+SOURCE_RAY = "measured (Ray actors)"
 
 
 # ----------------------------------------------------------------------------- what to sweep
@@ -99,32 +102,6 @@ def latency_point(variant_name: str, threads: int, cases: list[tuple[str, str, s
             "affinity": sorted(os.sched_getaffinity(0))}
 
 
-_WORKER_RUNNERS: dict = {}
-
-
-def throughput_item(item: tuple) -> dict:
-    """Queue item of the throughput sweep; a worker builds (and warms) its runner on its first item."""
-    variant_name, threads, warmup, case_id, image, output = item
-    key = (variant_name, threads)
-    info = {}
-    if key not in _WORKER_RUNNERS:
-        from common.variants.table import get_variant, make_pipeline_runner
-
-        t0 = time.perf_counter()
-        runner = make_pipeline_runner("production", get_variant(variant_name), threads)
-        info["build_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(warmup):
-            runner.run(Path(image), None)
-        info["warmup_s"] = time.perf_counter() - t1
-        _WORKER_RUNNERS[key] = runner
-    start = time.time()
-    timings = _WORKER_RUNNERS[key].run(Path(image), Path(output))
-    end = time.time()
-    return {"case_id": case_id, "output": output, "start": start, "end": end, "timings": timings,
-            "affinity": sorted(os.sched_getaffinity(0)), **info}
-
-
 # ----------------------------------------------------------------------------- the sweeps
 
 @dataclass
@@ -200,8 +177,8 @@ def latency_table(sweep: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
-def throughput_items(settings: Settings, variant: str, workers: int, threads: int) -> list[tuple]:
-    """The queue: every case ``repeats`` times, cycled so that each worker gets at least one item."""
+def throughput_items(settings: Settings, variant: str, workers: int, threads: int) -> list[tuple[str, str, str]]:
+    """(case_id, input, output): every case ``repeats`` times, cycled so that each worker gets at least one."""
     folder = _outputs(settings.out_dir, variant, f"w{workers}t{threads}")
     base = [c for _ in range(settings.repeats) for c in settings.cases]
     n = max(len(base), workers)
@@ -209,15 +186,36 @@ def throughput_items(settings: Settings, variant: str, workers: int, threads: in
     for i in range(n):
         case = base[i % len(base)]
         name = case.case_id if n == len(settings.cases) else f"{case.case_id}__{i}"
-        items.append((variant, threads, settings.warmup, case.case_id, str(case.image), str(folder / f"{name}.nii.gz")))
+        items.append((case.case_id, str(case.image), str(folder / f"{name}.nii.gz")))
     return items
 
 
 def throughput_sweep(settings: Settings, topology: Topology, variant: str, latency: pd.DataFrame,
                      bar=None, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Measure every W >= 2 combination (W = 1 is the latency sweep); returns (combos, per-item rows)."""
+    """Measure every W >= 2 combination on Ray actors (W = 1 is the latency sweep); returns (combos, per-item rows).
+
+    One embedded Ray instance serves the whole sweep; it starts only if some combination is measured.
+    """
     lat = latency[latency.variant == variant]
     measured_rss = lat.peak_rss_mb.max() if "peak_rss_mb" in lat and lat.peak_rss_mb.notna().any() else None
+    with ExitStack() as stack:
+        connection = []
+
+        def measure(items, workers: int, threads: int):
+            from common.production import ray_cluster
+            from common.production.ray_cohort import embedded_ray, run_measured
+
+            if not connection:
+                log(f"throughput: starting an embedded Ray instance ({len(topology.cpus)} CPUs, loopback only)")
+                connection.append(stack.enter_context(embedded_ray(len(topology.cpus))))
+            memory_mb = measured_rss * RSS_MARGIN if measured_rss is not None \
+                else ray_cluster.worker_memory_mb(variant, settings.out_dir)[0]
+            return run_measured(items, variant, workers, threads, memory_mb, settings.warmup > 0)
+
+        return _throughput_combos(settings, topology, variant, lat, measured_rss, measure, bar, log)
+
+
+def _throughput_combos(settings, topology, variant, lat, measured_rss, measure, bar, log):
     combos, items_rows = [], []
     for workers, threads in settings.combos:
         base = {"variant": variant, "tier": settings.tiers.get(variant, ""), "workers": workers, "threads": threads}
@@ -259,32 +257,42 @@ def throughput_sweep(settings: Settings, topology: Topology, variant: str, laten
         if bar is not None:
             bar.set_postfix_str(f"throughput {variant} {workers}x{threads}")
         items = throughput_items(settings, variant, workers, threads)
-        results = run_queue(cpusets, throughput_item, items)
-        ok = [r for r in results if r.status == "ok"]
-        for r in results:
-            value = r.value or {}
-            items_rows.append({**base, "case_id": items[r.index][3], "output": items[r.index][5],
-                               "worker": r.worker, "worker_cpus": format_cpu_list(r.cpus or []),
-                               "status": r.status, "error": r.error or "",
-                               "start": value.get("start"), "end": value.get("end"),
-                               "wall_s": (value["end"] - value["start"]) if value else np.nan,
-                               **{k: v for k, v in (value.get("timings") or {}).items() if k != "wall_s"},
-                               "build_s": value.get("build_s"), "peak_rss_mb": r.peak_rss_mb,
-                               "child_affinity": format_cpu_list(value.get("affinity", []))})
+        try:
+            run = measure(items, workers, threads)
+        except Exception as exc:  # noqa: BLE001 - Ray could not start or place W workers: this combo only
+            combos.append({**base, "status": "error", "source": SOURCE_RAY, "message": one_line(exc)})
+            log(f"error: W={workers} x T={threads}: {one_line(exc)}")
+            if bar is not None:
+                bar.update()
+            continue
+        claimed = {format_cpu_list(r["cpus"]) for r in run.rows if r.get("cpus")}
+        if claimed:  # the CPU sets the actors pinned themselves to (ray_worker.claim_cpus), not the plan
+            base["cpusets"] = " ".join(sorted(claimed, key=lambda text: int(text.split(",")[0].split("-")[0])))
+        for r in run.rows:
+            timings = {k: v for k, v in r.items() if k.endswith("_s") and k not in ("wall_s", "case_s")}
+            items_rows.append({**base, "case_id": r.get("case_id"), "output": r.get("output"),
+                               "worker": r.get("worker"), "worker_cpus": format_cpu_list(r.get("cpus") or []),
+                               "status": r.get("status"), "error": r.get("error") or "",
+                               "start": r.get("start"), "end": r.get("end"),
+                               "wall_s": (r["end"] - r["start"]) if r.get("status") == "ok" else np.nan,
+                               **timings, "peak_rss_mb": r.get("peak_rss_mb"), "node": r.get("node"),
+                               "pid": r.get("pid"), "prefetched": r.get("prefetched"),
+                               "child_affinity": format_cpu_list(r.get("affinity") or [])})
+        ok = run.ok
         if ok:
-            span = max(r.value["end"] for r in ok) - min(r.value["start"] for r in ok)
-            walls = [r.value["end"] - r.value["start"] for r in ok]
+            span = run.steady_s
+            walls = [r["end"] - r["start"] for r in ok]
             median, p25, p75 = _spread(walls)
-            rss = [r.peak_rss_mb for r in ok if r.peak_rss_mb]
-            combos.append({**base, "status": "ok" if len(ok) == len(results) else "partial",
-                           "source": "measured (run_queue)", "items": len(ok), "makespan_s": span,
+            rss = [r["peak_rss_mb"] for r in ok if r.get("peak_rss_mb")]
+            combos.append({**base, "status": "ok" if len(ok) == len(run.rows) else "partial",
+                           "source": SOURCE_RAY, "items": len(ok), "makespan_s": span,
                            "cases_per_hour": 3600.0 * len(ok) / span if span > 0 else np.nan,
                            "latency_median_s": median, "latency_p25_s": p25, "latency_p75_s": p75,
                            "peak_rss_mb_max": max(rss) if rss else np.nan,
-                           "message": "; ".join(sorted({r.error for r in results if r.error}))})
+                           "message": "; ".join(sorted({r.get("error") for r in run.rows if r.get("error")}))})
         else:
-            combos.append({**base, "status": "error", "source": "measured (run_queue)",
-                           "message": "; ".join(sorted({r.error or "?" for r in results}))})
+            combos.append({**base, "status": "error", "source": SOURCE_RAY,
+                           "message": "; ".join(sorted({r.get("error") or "?" for r in run.rows}))})
         if bar is not None:
             bar.update()
     return pd.DataFrame(combos), pd.DataFrame(items_rows)
