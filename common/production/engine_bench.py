@@ -93,7 +93,8 @@ def engines_markdown(frame: pd.DataFrame) -> str:
     med = ok.groupby("engine")[["cases_per_hour", "steady_cases_per_hour"]].median() if not ok.empty else None
     lines += ["", "Cohort wall = the engine's call, actors' start, pipeline build and warm-up included (`ray.init` "
               "excluded: it is the ray.init column); steady = first case start to last case end. The local process "
-              "pool is not a row: it was deleted once Ray measured within 3 % of it on one machine (README)."]
+              "pool is not a row: it was deleted once Ray measured within 3 % of it on this machine "
+              "([engines_local_vs_ray.md](engines_local_vs_ray.md), kept as measured)."]
     if med is not None and {"ray", "ray-noprefetch"} <= set(med.index):
         spread = ok.groupby("engine").steady_cases_per_hour.agg(lambda v: v.max() / v.min() if len(v) > 1 else 1.0)
         gain = 100 * (med.loc["ray", "steady_cases_per_hour"] / med.loc["ray-noprefetch", "steady_cases_per_hour"] - 1)
