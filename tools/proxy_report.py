@@ -169,6 +169,10 @@ def write_report(out: Path, source: str, meta: dict | None, ph: list[dict], real
                   f"- {meta.get('steps')} steps in {float(meta.get('train_wall_s', 0)) / 60:.1f} min on {meta.get('cpu')} "
                   f"({meta.get('threads')} threads, {meta.get('precision')}); loss {meta.get('loss_first10')} -> "
                   f"{meta.get('loss_last10')} (mean of the first / last 10 steps)",
+                  *([f"- Started from the proxy v{before.get('recipe_version')} (sha256 `{str(before.get('sha256'))[:16]}`, "
+                     f"{before.get('steps')} steps, {float(before.get('train_wall_s') or 0) / 60:.0f} min): "
+                     f"{meta.get('steps_total')} steps, {float(meta.get('train_wall_s_total') or 0) / 60:.0f} min in all"]
+                    if (before := meta.get("started_from")) else []),
                   f"- sha256 of `{proxy.TENSORS}`: `{meta.get('sha256')}`",
                   "- Loss curve: `models/proxy/loss_curve.png`"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,11 @@ intensity augmentation and no mirroring (the real trainer is `NoMirroring`).
     python tools/train_proxy.py --quick         # <= 10 minutes: checks the recipe still trains
     python tools/train_proxy.py --measure       # seconds per step: fp32 vs bf16, channels-last
 
+Recipe v2 goes on from v1's weights (sha256 `V1_SHA256`, committed in ef41cf7) for 420 more steps at half the
+learning rate, on 24 phantoms drawn with another seed: two hours on two cores hold about 450 steps, so a longer
+training is two sessions' steps in a row. `--init DIR` names the folder holding v1 (default models/proxy; once v2
+replaces it there: `git show ef41cf7:models/proxy/proxy_fp16.npz` and `...:models/proxy/proxy.json` into DIR).
+
 Resumable: state is saved every few minutes and on Ctrl-C; rerun the same command to go on.
 """
 from __future__ import annotations
@@ -37,11 +42,12 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from common.data import phantoms  # noqa: E402
 from common.model import weights  # noqa: E402
-from common.model.proxy import PROXY_DIR, save_proxy  # noqa: E402
+from common.model.proxy import PROXY_DIR, load_state_dict, read_meta, save_proxy  # noqa: E402
 from common.pipeline import preprocess, resample  # noqa: E402
 from common.core import io, paths  # noqa: E402
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+V1_SHA256 = "c9a2f437ec620dab7b720fcdff4b92753bd647dd3714b1a596b58d3351510901"
 SHARED = paths.shared_data_dir()
 # The real CTs and TotalSegmentator's own `--fast` output for them (training fit: they are all we have).
 REAL_PAIRS = (("example_ct_sm.nii.gz", "example_seg_fast.nii.gz"),
@@ -51,23 +57,25 @@ TRAIN_SEED_BASE = 500_000  # phantom seeds used for training; evaluation phantom
 
 @dataclass
 class Recipe:
-    steps: int = 450
+    steps: int = 420
     patch: tuple[int, int, int] = (80, 80, 80)
     batch: int = 2
-    lr: float = 2e-3
-    warmup: int = 30
+    lr: float = 1e-3
+    warmup: int = 10
     weight_decay: float = 3e-5
     foreground_fraction: float = 0.5  # share of patches centred on a random voxel of a random present class
     real_fraction: float = 0.25      # share of patches drawn from the real CTs
-    n_phantoms: int = 16
-    seed: int = 297
+    n_phantoms: int = 24
+    seed: int = 298
+    init_sha256: str = V1_SHA256     # start from the proxy with this sha256 ("" = random init)
     precision: str = "auto"          # auto | bf16 | fp32
     save_every_s: float = 240.0
     version: int = RECIPE_VERSION
 
     @classmethod
     def quick(cls) -> "Recipe":
-        return cls(steps=60, patch=(48, 48, 48), batch=2, lr=3e-3, warmup=5, n_phantoms=4, save_every_s=60.0)
+        return cls(steps=60, patch=(48, 48, 48), batch=2, lr=3e-3, warmup=5, n_phantoms=4, save_every_s=60.0,
+                   init_sha256="")
 
 
 @dataclass
@@ -248,11 +256,21 @@ def choose_precision(requested: str) -> str:
     return "bf16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "fp32"
 
 
-def build_model(seed: int):
+def build_model(seed: int, init_sha256: str = "", init_dir: Path | None = None):
+    """The Dataset297 network: seeded random init, or the proxy whose sha256 the recipe names."""
     import torch
 
     torch.manual_seed(seed)
     net = weights.build_network()
+    if init_sha256:
+        folder = Path(init_dir or PROXY_DIR)
+        meta = read_meta(folder) or {}
+        if meta.get("sha256") != init_sha256:
+            raise SystemExit(f"error: this recipe starts from the proxy with sha256 {init_sha256[:16]}..., but {folder} "
+                             f"holds {str(meta.get('sha256'))[:16]}...; pass --init with a folder holding it "
+                             "(see this script's help)")
+        state, _ = load_state_dict(folder)
+        net.load_state_dict(state)
     return net.to(memory_format=torch.channels_last_3d)
 
 
@@ -310,7 +328,7 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def train(recipe: Recipe, work: Path, out: Path | None, threads: int, log=print) -> dict:
+def train(recipe: Recipe, work: Path, out: Path | None, threads: int, log=print, init_dir: Path | None = None) -> dict:
     """Train (or resume) `recipe`; write the fp16 proxy to `out` (None: only report the losses)."""
     import torch
     from tqdm import tqdm
@@ -320,7 +338,7 @@ def train(recipe: Recipe, work: Path, out: Path | None, threads: int, log=print)
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / "state.pt"
     synth, real, data_list = build_dataset(recipe, work / "cache", log)
-    net = build_model(recipe.seed)
+    net = build_model(recipe.seed, "" if state_path.exists() else recipe.init_sha256, init_dir)
     optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     rng = np.random.default_rng(recipe.seed + 1)
     step, history, wall = 0, [], 0.0
@@ -383,6 +401,13 @@ def train(recipe: Recipe, work: Path, out: Path | None, threads: int, log=print)
         "dice_last10": round(float(np.mean([h["dice"] for h in history[-10:]])), 4),
         "training_data": data_list,
     }
+    if recipe.init_sha256:
+        before = read_meta(init_dir or PROXY_DIR) or {}
+        if before.get("sha256") == recipe.init_sha256:
+            summary["started_from"] = {k: before.get(k) for k in ("sha256", "recipe_version", "steps", "train_wall_s")}
+            summary["steps_total"] = step + int(before.get("steps_total") or before.get("steps") or 0)
+            summary["train_wall_s_total"] = round(wall + float(before.get("train_wall_s_total")
+                                                               or before.get("train_wall_s") or 0), 1)
     with open(work / "losses.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
@@ -435,6 +460,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads (default: CPUs in the affinity mask)")
     parser.add_argument("--work", type=Path, help="state, data cache and logs (default .cache/proxy_train[_quick])")
+    parser.add_argument("--init", type=Path, help="folder holding the proxy the recipe starts from (default models/proxy)")
     parser.add_argument("--out", type=Path, help=f"where the proxy goes (default {PROXY_DIR.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.measure:
@@ -446,7 +472,7 @@ def main(argv=None) -> int:
         recipe.steps = args.steps
     work = args.work or ROOT / ".cache" / ("proxy_train_quick" if args.quick else "proxy_train")
     out = args.out if args.out else (None if args.quick else PROXY_DIR)
-    summary = train(recipe, work, out, args.threads)
+    summary = train(recipe, work, out, args.threads, init_dir=args.init)
     ratio = summary["loss_last10"] / summary["loss_first10"]
     print(f"loss {summary['loss_first10']:.3f} -> {summary['loss_last10']:.3f} (x{ratio:.2f}) in {summary['steps']} "
           f"steps, {summary['train_wall_s'] / 60:.1f} min ({summary['precision']})")

@@ -108,6 +108,8 @@ def describe(meta: dict | None) -> str:
     data = meta.get("training_data", [])
     n_phantoms = sum(1 for d in data if d.startswith("phantom"))
     n_real = sum(1 for d in data if d.startswith("real"))
-    return (f"proxy recipe v{meta.get('recipe_version')}: the real architecture trained here for {meta.get('steps')} "
-            f"steps ({float(meta.get('train_wall_s', 0)) / 60:.0f} min, {meta.get('precision')}, {meta.get('cpu')}) "
+    steps = meta.get("steps_total") or meta.get("steps")
+    minutes = float(meta.get("train_wall_s_total") or meta.get("train_wall_s") or 0) / 60
+    return (f"proxy recipe v{meta.get('recipe_version')}: the real architecture trained here for {steps} "
+            f"steps ({minutes:.0f} min, {meta.get('precision')}, {meta.get('cpu')}) "
             f"on {n_real} real CTs with TotalSegmentator --fast labels and {n_phantoms} generated phantoms")
