@@ -25,6 +25,7 @@ from common.production.topology import format_cpu_list
 
 MAX_ATTEMPTS = 3  # actors that may die on one case before it is reported as failed
 START_TIMEOUT_S = 600.0  # no case running and no actor ready for this long: the cluster cannot place one
+DEATH_GRACE_S, DEATH_GRACE_STEP_S = 5.0, 0.5  # after an actor death: probe the GCS this long, this often
 PROBE_EVERY_S = 5.0  # after an actor death, or this long without news: does the cluster's GCS still answer?
 MANIFEST = "segment_manifest.jsonl"
 RESULTS = "segment_results.csv"
@@ -217,14 +218,20 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
     progress_at = probed_at = time.monotonic()
     gcs = pool.ray.get_runtime_context().gcs_address
 
-    def check_cluster() -> None:
+    def check_cluster(grace_s: float = 0.0) -> None:
+        """ClusterError if the GCS does not answer, now or (with ``grace_s``) at any probe within that time."""
         nonlocal probed_at
-        probed_at = time.monotonic()
-        try:
-            probe(gcs, timeout_s=2.0)
-        except ClusterError:
-            raise ClusterError(f"lost the Ray cluster at {gcs} mid-cohort (its GCS does not answer): finished "
-                               "outputs are kept; rerun with --resume once the cluster is back") from None
+        until = time.monotonic() + grace_s
+        while True:
+            probed_at = time.monotonic()
+            try:
+                probe(gcs, timeout_s=2.0)
+            except ClusterError:
+                raise ClusterError(f"lost the Ray cluster at {gcs} mid-cohort (its GCS does not answer): finished "
+                                   "outputs are kept; rerun with --resume once the cluster is back") from None
+            if probed_at >= until:
+                return
+            time.sleep(DEATH_GRACE_STEP_S)
 
     def finish(index: int, row: dict) -> None:
         job = jobs[index]
@@ -261,7 +268,9 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
         nonlocal replacements
         job = jobs[index]
         remove_partial(job.output)
-        check_cluster()
+        # A stopping head kills its raylet (and so the actors) a moment before its GCS: probe for a while before
+        # starting a replacement, a call that would hang 60 s and then end the process if the GCS is gone.
+        check_cluster(grace_s=DEATH_GRACE_S)
         info = pool.info.get(w, {})
         job.deaths.append(f"worker {w} (pid {info.get('pid')}, {info.get('node')}) died")
         pool.actors.pop(w, None)
