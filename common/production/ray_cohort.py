@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -29,7 +29,6 @@ def embedded_ray(num_cpus: int | None = None) -> Iterator:
 class CohortRun:
     rows: list[dict]  # ray_engine's result rows, plus "case_id"
     wall_s: float  # the whole call: actors' start, pipeline build and warm-up included
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> list[dict]:
@@ -61,4 +60,4 @@ def run_measured(items: list[tuple[str, str, str]], variant: str, workers: int, 
     rows = run_cohort([Job(image, output) for _, image, output in items], settings, Path(items[0][2]).parent,
                       lambda row: None, log=lambda message: None)
     wall = time.time() - start
-    return CohortRun([{**row, "case_id": case_of.get(row["output"])} for row in rows], wall, notes)
+    return CohortRun([{**row, "case_id": case_of.get(row["output"])} for row in rows], wall)
