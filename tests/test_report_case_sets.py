@@ -49,3 +49,22 @@ def test_approximate_verdicts_follow_dice_vs_vanilla_and_never_judge_random_weig
     assert "**met** by whole" in "\n".join(optimized_report.verdict_lines(summary))
     monkeypatch.setattr(optimized_report, "_stand_in", lambda: True)
     assert "Not judged" in "\n".join(optimized_report.verdict_lines(summary))
+
+
+def test_rows_of_another_run_are_left_out_with_a_line(tmp_path):
+    """A CSV left by an older run (other weights kind or CPU) is never compared with this run's vanilla (fails if
+    `same_run_rows` keeps every row: the stale baseline's 95 s would get a speed-up and a table row)."""
+    def run(row, weights, cpu):
+        return {**row, "weights_kind": weights, "cpu_model": cpu, "timestamp": "2026-12-01T23:00:00"}
+
+    rows = [run(_row("vanilla", "totalsegmentator", "a", 100), "proxy", "AMD EPYC"),
+            run(_row("onnx_optimized", "exact_ov_f32", "a", 25), "proxy", "AMD EPYC"),
+            run(_row("onnx_baseline", "exact_ort_default", "a", 95), "stand-in", "Intel(R) Xeon(R) Processor")]
+    frame = pd.DataFrame(rows).reindex(columns=report.RESULT_COLUMNS)
+    kept, left = report.same_run_rows(frame)
+    assert set(kept.implementation) == {"vanilla", "onnx_optimized"}
+    assert len(left) == 1 and "onnx_baseline" in left[0] and "stand-in" in left[0] and "AMD EPYC" in left[0]
+    frame.to_csv(tmp_path / "x_results.csv", index=False)
+    text = report.write_summary(tmp_path).read_text()
+    assert "exact_ort_default" not in text.split("- Left out")[0].split("## Key Results")[1]
+    assert "- Left out: onnx_baseline" in text and "| exact_ov_f32 |" in text.replace("`", "")

@@ -26,11 +26,11 @@ from common.core import paths  # noqa: E402
 from common.reports.stage_memory_report import COLUMNS, CSV_NAME  # noqa: E402
 from common.variants.table import Variant, get_variant  # noqa: E402
 
-DEFAULT_VARIANTS = ("exact_ov_f32", "exact_ort_tuned_stages", "approx_ov_bf16_whole")
+DEFAULT_VARIANTS = ("exact_ov_f32", "exact_ov_f32_split_concat", "exact_ort_tuned_stages", "approx_ov_bf16_whole")
 # What each lean-memory change replaced: a variant "@before" runs with these pipeline settings, without these
 # backend options, and with these modules imported at start-up.
 BEFORE_CONFIG = {"stream_accumulate": False, "release_input": False}
-BEFORE_DROPPED_OPTIONS = ("head_slab",)
+BEFORE_DROPPED_OPTIONS = ("head_slab", "split_concat")
 BEFORE_PRELOAD = ("torch",)  # env.apply_threads imported torch in every worker before this branch
 
 

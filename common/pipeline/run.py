@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from common.core import io
+from common.core import io, memory
 from common.core.stage_memory import StageMemory
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.pipeline import preprocess, resample, sliding_window
@@ -238,7 +238,7 @@ def load_volume_lean(path: Path) -> io.Volume:
 def segment_volume(volume: io.Volume, backend: Backend, config: PipelineConfig, timer: StageTimer,
                    on_tile: Callable[[], None] | None = None, release_input: bool = False) -> SegmentationResult:
     """`release_input`: set `volume.data` to None once resampled (the caller keeps only its header and affine),
-    so the loaded voxels are not alive during inference."""
+    so the loaded voxels are not alive during inference, and hand the freed heap back to the OS."""
     with timer.stage("preprocess_s"):
         data_ras, affine_ras, _ = io.to_canonical(volume.data, volume.affine)
         spacing = resample.header_spacing(data_ras.shape, affine_ras)
@@ -246,6 +246,7 @@ def segment_volume(volume: io.Volume, backend: Backend, config: PipelineConfig, 
     shape_ras = data_ras.shape
     if release_input:
         volume.data = data_ras = None
+        memory.return_freed_heap()
     labels_ras, n_tiles = predict_resampled(resampled, shape_ras, backend, config, timer, on_tile)
     with timer.stage("postprocess_s"):
         labels = io.from_canonical(labels_ras, affine_ras, volume.affine)

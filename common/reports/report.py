@@ -245,9 +245,33 @@ def case_set_frames(frame: pd.DataFrame) -> list[tuple[list[str], pd.DataFrame]]
     return out
 
 
+RUN_KEYS = ("weights_kind", "cpu_model")  # rows that differ in these come from another run
+
+
+def same_run_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The rows measured on vanilla's weights kind and CPU (on the newest row's where vanilla is absent), and one
+    line per implementation left out: a CSV another run left in the folder is never compared with this run's."""
+    keys = [k for k in RUN_KEYS if k in frame.columns]
+    if frame.empty or not keys:
+        return frame, []
+    values = frame[keys].fillna("").astype(str)
+    vanilla = frame.implementation == "vanilla"
+    if vanilla.any():
+        reference = values[vanilla].iloc[-1]
+    else:
+        stamps = frame.timestamp.astype(str) if "timestamp" in frame.columns else None
+        reference = values.loc[stamps.idxmax() if stamps is not None else frame.index[-1]]
+    same = (values == reference).all(axis=1)
+    left = [f"- Left out: {impl} ({', '.join(sorted(set(sub.variant.astype(str))))}), measured on "
+            f"{' / '.join(str(v) for v in sub[keys].iloc[0])} by another run (this run: "
+            f"{' / '.join(str(v) for v in reference)}); rerun its script to compare it."
+            for impl, sub in frame[~same].groupby("implementation", sort=False)]
+    return frame[same], left
+
+
 def write_summary(out_dir: Path = paths.BENCHMARKS_DIR, environment: dict | None = None) -> Path:
     """benchmarks/SUMMARY.md from every *_results.csv present (and 06's recommendation, where written)."""
-    frame = read_all_results(out_dir)
+    frame, left_out = same_run_rows(read_all_results(out_dir))
     if not frame.empty:
         frame["variant"] = frame["variant"].fillna("")
     summary = summarize(frame) if not frame.empty else pd.DataFrame()
@@ -263,7 +287,7 @@ def write_summary(out_dir: Path = paths.BENCHMARKS_DIR, environment: dict | None
                  "successfully), vanilla's row restricted to those cases. Speedup = median over cases of "
                  "(vanilla wall / this wall), measured in the same run setup. Parity = fraction of voxels with "
                  "vanilla's label, and mean per-class Dice vs vanilla. Exact tier = same math as vanilla (float "
-                 "rounding only); approximate tier changes the math.", ""]
+                 "rounding only); approximate tier changes the math.", "", *left_out, *([""] if left_out else [])]
         for cases, sub in case_set_frames(frame):
             part = summarize(sub)
             text += [f"### Cases: {', '.join(cases)}", "", *key_results_table(part), "",

@@ -13,6 +13,7 @@ import numpy as np
 
 from common.core import paths
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
+from common.runtime.openvino_graph import split_concat_convs, split_head, with_argmax
 
 
 class BackendUnavailable(RuntimeError):
@@ -148,59 +149,27 @@ def _require_patch_session(session, model_path: Path) -> None:
         require_patch_model(model_path)
 
 
-def _with_argmax(ov, model):
-    """`model` whose output is the uint8 class index per voxel (TopK k=1, stable: ties to the lowest class)."""
-    from openvino import opset13 as ops
-
-    logits = model.get_results()[0].input_value(0)
-    top = ops.topk(logits, ops.constant(np.int64(1)), axis=1, mode="max", sort="value",
-                   index_element_type=ov.Type.i32, stable=True)
-    return ov.Model([ops.convert(top.output(1), ov.Type.u8).output(0)], model.get_parameters(), "labels")
-
-
 def openvino_config(threads: int, precision: str = "f32") -> dict:
     """Compile settings of every OpenVINO model here: the backends, the peak kernels, the per-layer profile."""
     return {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
 
 
-def split_head(ov, model):
-    """(trunk, head): `model` cut before its last layer, the 1x1x1 segmentation convolution + bias.
-
-    trunk: input -> the last decoder features (1, F, *patch); head: (1, F, D, H, W) of any shape -> logits.
-    """
-    from openvino import opset13 as ops
-
-    add = model.get_results()[0].input_value(0).get_node()
-    conv = add.input_value(0).get_node()
-    if add.get_type_name() != "Add" or conv.get_type_name() != "Convolution":
-        raise ValueError(f"model does not end in Convolution + Add (found {conv.get_type_name()} + {add.get_type_name()})")
-    features = conv.input_value(0)
-    weight = conv.input_value(1).get_node().get_data()
-    if weight.shape[2:] != (1, 1, 1):
-        raise ValueError(f"last convolution is {weight.shape[2:]}, not 1x1x1")
-    bias = add.input_value(1).get_node()
-    if bias.get_type_name() == "Reshape":  # the ONNX import's (C,) -> (1, C, 1, 1, 1)
-        bias = bias.input_value(0).get_node()
-    bias = bias.get_data().reshape(1, -1, 1, 1, 1)
-    trunk = ov.Model([features], model.get_parameters(), "trunk")
-    slab = ops.parameter([1, weight.shape[1], -1, -1, -1], ov.Type.f32, name="features")
-    logits = ops.convolution(slab, ops.constant(weight), [1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1])
-    return trunk, ov.Model([ops.add(logits, ops.constant(bias))], [slab], "head")
-
-
 def openvino_backend(threads: int, model: str | Path | None = None, precision: str = "f32",
                      cache_dir: Path | None = paths.MODELS_DIR / "openvino_cache",
-                     whole_volume: bool = False, head_slab: int = 0) -> Backend:
+                     whole_volume: bool = False, head_slab: int = 0, split_concat: bool = False) -> Backend:
     """OpenVINO CPU, one infer request whose output buffer is reused.
 
     `precision`: INFERENCE_PRECISION_HINT, "f32" (exact tier) or "bf16" (AMX/AVX-512 bf16, approximate).
-    Default: the static patch model, `predict` gives logits. `whole_volume`: instead, one model compiled for
-    any input shape with the argmax appended (`labels_any`): no per-case compilation, and no 118-channel
-    float32 volume (1.5 GB at 144x144x160) leaves the runtime.
+    Default: the static patch model, `predict` gives logits. `whole_volume`: instead, the model with the argmax
+    appended, compiled for each new input shape (`labels_any`): no 118-channel float32 volume (1.5 GB at
+    144x144x160) leaves the runtime.
     `head_slab` > 0 (patch model): the last layer (1x1x1 convolution, 32 -> 118 channels) runs as its own model
     on `head_slab`-deep slabs of the features (`predict_slabs`): the runtime never holds the 760 MB float32
     patch logits; the same values bit for bit (tests/test_lean_memory.py).
+    `split_concat`: each decoder convolution over a skip concatenation runs as two summed convolutions
+    (`openvino_graph.split_concat_convs`): the full-resolution concatenation is never allocated; float rounding
+    differs from the unsplit model.
     """
     ov = import_runtime("openvino")
     model_path = resolve_model(model)
@@ -213,19 +182,14 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
     config = openvino_config(threads, precision)
     net = core.read_model(str(model_path))
     details = {"openvino": ov.__version__, "threads": threads, "precision": precision, "model": Path(model_path).name}
+    if split_concat:
+        details["split_concat"] = split_concat_convs(net)
 
     if whole_volume:
-        net.reshape({net.inputs[0].get_any_name(): ov.PartialShape([1, 1, -1, -1, -1])})
-        if head_slab:
-            return _openvino_whole_head_slabs(ov, core, net, config, details, head_slab)
-        labels_request = core.compile_model(_with_argmax(ov, net), "CPU", config).create_infer_request()
-
-        def labels_any(image: np.ndarray) -> np.ndarray:
-            labels_request.infer({0: np.ascontiguousarray(image, dtype=np.float32)}, share_inputs=True)
-            return labels_request.get_output_tensor(0).data
-
-        return Backend("openvino", None, {**details, "whole_volume": True}, labels_any=labels_any,
-                       reuses_output=True)
+        if model == EXACT_MODEL:
+            raise ValueError("the precise-norm model's statistics are built for the patch shape: a whole-volume "
+                             "pass runs the plain or the int8 model")
+        return _openvino_whole_volume(ov, net, config, details, head_slab)
 
     shape = net.inputs[0].get_partial_shape()
     if shape.is_dynamic or list(shape.to_shape()) != [1, 1, *PATCH_SIZE]:
@@ -243,23 +207,41 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
     return Backend("openvino", predict, details, reuses_output=True)
 
 
-def _openvino_whole_head_slabs(ov, core, net, config: dict, details: dict, depth: int) -> Backend:
-    """The whole-volume labels model as trunk + (head with the argmax) on `depth`-deep slabs: the 118-channel
-    logits of the whole volume never exist inside the runtime, only one slab's."""
-    trunk_model, head_model = split_head(ov, net)
-    trunk = core.compile_model(trunk_model, "CPU", config).create_infer_request()
-    head = core.compile_model(_with_argmax(ov, head_model), "CPU", config).create_infer_request()
+def _openvino_whole_volume(ov, net, config: dict, details: dict, head_slab: int) -> Backend:
+    """Whole-volume labels, the model compiled for each new input shape, the last shape's compilation released
+    first. A static shape lets OpenVINO plan its activations: 1.3 GB instead of 2.0 GB for the trunk at
+    144x144x160 (bf16), for ~0.2 s of compiling. No disk cache: it would keep one blob per shape.
+    `head_slab` > 0: the trunk, then its last layer + argmax (one dynamic model) on `head_slab`-deep slabs, so the
+    118-channel logits of the whole volume never exist inside the runtime, only one slab's."""
+    core = ov.Core()  # without CACHE_DIR
+    head = None
+    if head_slab:
+        _, head_model = split_head(ov, net)
+        head = core.compile_model(with_argmax(ov, head_model), "CPU", config).create_infer_request()
+    compiled: dict = {}  # the one live compilation: input shape -> infer request
+
+    def request_for(shape: tuple[int, ...]):
+        if shape not in compiled:
+            compiled.clear()  # frees the last shape's activations before the next are planned
+            net.reshape({net.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
+            model = split_head(ov, net)[0] if head_slab else with_argmax(ov, net)
+            compiled[shape] = core.compile_model(model, "CPU", config).create_infer_request()
+        return compiled[shape]
 
     def labels_any(image: np.ndarray) -> np.ndarray:
-        trunk.infer({0: np.ascontiguousarray(image, dtype=np.float32)}, share_inputs=True)
-        features = trunk.get_output_tensor(0).data
+        request = request_for(image.shape)
+        request.infer({0: np.ascontiguousarray(image, dtype=np.float32)}, share_inputs=True)
+        if head is None:
+            return request.get_output_tensor(0).data
+        features = request.get_output_tensor(0).data
         labels = np.empty((1, 1, *features.shape[2:]), dtype=np.uint8)
-        for z in range(0, features.shape[2], depth):
-            head.infer({0: np.ascontiguousarray(features[:, :, z:z + depth])}, share_inputs=True)
-            labels[:, :, z:z + depth] = head.get_output_tensor(0).data
+        for z in range(0, features.shape[2], head_slab):
+            head.infer({0: np.ascontiguousarray(features[:, :, z:z + head_slab])}, share_inputs=True)
+            labels[:, :, z:z + head_slab] = head.get_output_tensor(0).data
         return labels
 
-    return Backend("openvino", None, {**details, "whole_volume": True, "head_slab": depth}, labels_any=labels_any)
+    details = {**details, "whole_volume": True, **({"head_slab": head_slab} if head_slab else {})}
+    return Backend("openvino", None, details, labels_any=labels_any, reuses_output=not head_slab)
 
 
 def _openvino_head_slabs(ov, core, net, config: dict, details: dict, depth: int) -> Backend:

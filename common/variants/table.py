@@ -66,6 +66,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("exact_ov_f32", "exact", "openvino",
             "OpenVINO fp32 (INFERENCE_PRECISION_HINT=f32, static shape) + EXACT_STAGES; the last layer on 8-deep "
             "slabs (head_slab: no 760 MB patch logits)", {**OV_F32, **EXACT, "head_slab": 8}, EXACT_STAGES),
+    Variant("exact_ov_f32_split_concat", "exact", "openvino",
+            "exact_ov_f32 with each skip concatenation + convolution run as two summed convolutions (split_concat: "
+            "no 411 MB full-resolution concatenation; float rounding differs from exact_ov_f32)",
+            {**OV_F32, **EXACT, "head_slab": 8, "split_concat": True}, EXACT_STAGES),
     # approximate tier
     Variant("approx_ort_plain_norm", "approximate", "onnxruntime",
             "ONNX Runtime, default session, on the plain export: its one-pass float32 InstanceNorm sums drift from "
@@ -82,8 +86,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("approx_ov_bf16_bodycrop", "approximate", "openvino",
             "OpenVINO bf16, network only inside the body box (> -500 HU)", OV_BF16, _with(EXACT_STAGES, body_crop=True)),
     Variant("approx_ov_bf16_whole", "approximate", "openvino",
-            "OpenVINO bf16, body crop, one whole-volume pass (padded to the stride 16; one model for any shape, "
-            "argmax inside it; its last layer + argmax on 8-deep slabs)", {**OV_BF16, "whole_volume": True, "head_slab": 8},
+            "OpenVINO bf16, body crop, one whole-volume pass (padded to the stride 16; compiled for each new shape, "
+            "argmax inside it; its last layer + argmax on 8-deep slabs; skip concatenations as summed convolutions)",
+            {**OV_BF16, "whole_volume": True, "head_slab": 8, "split_concat": True},
             _with(EXACT_STAGES, body_crop=True, whole_volume=True)),
     Variant("approx_ort_int8", "approximate", "onnxruntime",
             "ONNX Runtime, static QDQ INT8 model (calibrated on phantoms that are not evaluation cases)",
