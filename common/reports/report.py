@@ -254,7 +254,7 @@ def same_run_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     keys = [k for k in RUN_KEYS if k in frame.columns]
     if frame.empty or not keys:
         return frame, []
-    values = frame[keys].fillna("").astype(str)
+    values = frame[keys].astype(object).fillna("").astype(str)
     vanilla = frame.implementation == "vanilla"
     if vanilla.any():
         reference = values[vanilla].iloc[-1]
