@@ -5,6 +5,7 @@ process; the proportional set size (PSS) splits them, so the tree's sum is what 
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import psutil
@@ -62,19 +63,25 @@ class PeakMemory:
         self.mb = max(self.mb, self._tree_rss() / 2**20)
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim from this process's own symbols (no find_library: that runs ldconfig each call)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
 def return_freed_heap() -> bool:
     """Hand the heap pages freed so far back to the OS (glibc's malloc_trim); False where there is no glibc.
 
     numpy's large arrays are mmapped and go back when freed, but many mid-size ones (the loaded CT's copies on
     the way to the 3 mm grid) leave ~100-150 MB of free heap that RSS keeps counting otherwise.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError, TypeError):  # no libc found, or one without malloc_trim (musl)
+    trim = _malloc_trim()
+    if trim is None:
         return False
     trim(0)
     return True
