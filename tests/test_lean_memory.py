@@ -122,6 +122,52 @@ def test_openvino_head_slabs_bit_exact(threads):
         np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
+def test_openvino_head_slabs_release_the_trunks_activations(threads):
+    """Once the trunk has run, its ~600 MB of activations are back with the OS while the head and the accumulator
+    run: the tile's peak is far above the RSS at the first slab (fails without `release_memory`, whose buffers
+    stay resident), and the tile leaves little behind (fails with copied outputs)."""
+    from common.core.stage_memory import reset_peak, status_mb
+    from common.model.weights import PATCH_SIZE
+
+    sliced = _openvino_or_skip(threads, head_slab=8)
+    patch = np.random.default_rng(6).standard_normal((1, 1, *PATCH_SIZE)).astype(np.float32)
+    for _ in sliced.predict_slabs(patch):  # warm-up: the features buffer is resident from here on
+        pass
+    if not reset_peak():
+        pytest.skip("/proc/self/clear_refs not writable here")
+    before = status_mb("VmRSS")
+    slabs = sliced.predict_slabs(patch)
+    next(slabs)
+    assert status_mb("VmHWM") - status_mb("VmRSS") > 300
+    assert status_mb("VmRSS") - before < 150
+    for _ in slabs:
+        pass
+    assert status_mb("VmRSS") - before < 150
+
+
+def test_openvino_infer_hands_back_the_output_itself(threads):
+    """`_infer` returns the request's output tensor: no copy of it (OpenVINO's `infer` copies every output by
+    default, a transient as large as the output at the moment memory peaks). Fails with a copying `_infer`."""
+    from common.core.stage_memory import reset_peak, status_mb
+    from common.runtime.backends import _infer, openvino_config
+
+    ov = pytest.importorskip("openvino")
+    from openvino import opset13 as ops
+
+    x = ops.parameter([1, 1, 64, 256, 256], ov.Type.f32)
+    model = ov.Model([ops.tile(ops.multiply(x, ops.constant(np.float32(2))), [1, 16, 1, 1, 1])], [x])
+    request = ov.Core().compile_model(model, "CPU", openvino_config(threads)).create_infer_request()
+    image = np.ones((1, 1, 64, 256, 256), np.float32)
+    _infer(request, image)
+    if not reset_peak():
+        pytest.skip("/proc/self/clear_refs not writable here")
+    start = status_mb("VmRSS")
+    out = _infer(request, image)
+    assert np.shares_memory(out, request.get_output_tensor(0).data)
+    assert out.shape == (1, 16, 64, 256, 256) and float(out[0, 15, 63, 255, 255]) == 2.0
+    assert status_mb("VmHWM") - start < 128  # the 256 MB output is written in place, not copied
+
+
 def test_openvino_whole_volume_head_slabs_same_labels(threads):
     """The whole-volume pass with its head + argmax on slabs = the one-model pass (fails with a slab written at
     the wrong depth, or a last slab left unwritten when the depth is not a multiple of the slab)."""

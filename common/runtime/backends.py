@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from common.core import paths
+from common.core import memory, paths
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
 from common.runtime.openvino_graph import split_concat_convs, split_head, with_argmax
 
@@ -149,6 +149,13 @@ def _require_patch_session(session, model_path: Path) -> None:
         require_patch_model(model_path)
 
 
+def _infer(request, array: np.ndarray) -> np.ndarray:
+    """Run an OpenVINO request on one float32 input; its output tensor, not a copy. (`infer` copies every output
+    by default: a transient as large as the output, 205 MB per f32 trunk tile, at the moment memory peaks.)"""
+    request.infer({0: np.ascontiguousarray(array, dtype=np.float32)}, share_inputs=True, share_outputs=True)
+    return request.get_output_tensor(0).data
+
+
 def openvino_config(threads: int, precision: str = "f32") -> dict:
     """Compile settings of every OpenVINO model here: the backends, the peak kernels, the per-layer profile."""
     return {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads,
@@ -201,8 +208,7 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
     request = core.compile_model(net, "CPU", config).create_infer_request()
 
     def predict(patch: np.ndarray) -> np.ndarray:
-        request.infer({0: np.ascontiguousarray(patch, dtype=np.float32)}, share_inputs=True)
-        return request.get_output_tensor(0).data
+        return _infer(request, patch)
 
     return Backend("openvino", predict, details, reuses_output=True)
 
@@ -229,15 +235,12 @@ def _openvino_whole_volume(ov, net, config: dict, details: dict, head_slab: int)
         return compiled[shape]
 
     def labels_any(image: np.ndarray) -> np.ndarray:
-        request = request_for(image.shape)
-        request.infer({0: np.ascontiguousarray(image, dtype=np.float32)}, share_inputs=True)
+        output = _infer(request_for(image.shape), image)
         if head is None:
-            return request.get_output_tensor(0).data
-        features = request.get_output_tensor(0).data
-        labels = np.empty((1, 1, *features.shape[2:]), dtype=np.uint8)
-        for z in range(0, features.shape[2], head_slab):
-            head.infer({0: np.ascontiguousarray(features[:, :, z:z + head_slab])}, share_inputs=True)
-            labels[:, :, z:z + head_slab] = head.get_output_tensor(0).data
+            return output
+        labels = np.empty((1, 1, *output.shape[2:]), dtype=np.uint8)
+        for z in range(0, output.shape[2], head_slab):
+            labels[:, :, z:z + head_slab] = _infer(head, output[:, :, z:z + head_slab])
         return labels
 
     details = {**details, "whole_volume": True, **({"head_slab": head_slab} if head_slab else {})}
@@ -245,20 +248,37 @@ def _openvino_whole_volume(ov, net, config: dict, details: dict, head_slab: int)
 
 
 def _openvino_head_slabs(ov, core, net, config: dict, details: dict, depth: int) -> Backend:
-    """The patch model as trunk + head on slabs (`openvino_backend(head_slab=depth)`)."""
+    """The patch model as trunk + head on slabs (`openvino_backend(head_slab=depth)`).
+
+    Between the steps of a tile the idle model's activations go back to the OS (`release_memory`, re-planned at
+    its next run in ~0.05 s): the trunk's ~600 MB (f32 112x112x128 tile) while the head and the accumulator run,
+    the head's while the next trunk runs. Output tensors are owned apart and stay valid; the head's is renewed
+    each tile, so none of it is resident while the trunk's activations peak."""
     trunk_model, head_model = split_head(ov, net)
     if PATCH_SIZE[0] % depth:
         raise ValueError(f"head_slab {depth} does not divide the patch depth {PATCH_SIZE[0]}")
-    trunk = core.compile_model(trunk_model, "CPU", config).create_infer_request()
+    trunk_compiled = core.compile_model(trunk_model, "CPU", config)
+    trunk = trunk_compiled.create_infer_request()
     head_model.reshape({0: ov.PartialShape([1, head_model.inputs[0].get_partial_shape()[1], depth, *PATCH_SIZE[1:]])})
-    head = core.compile_model(head_model, "CPU", config).create_infer_request()
+    head_compiled = core.compile_model(head_model, "CPU", config)
+    head = head_compiled.create_infer_request()
+    head_output: list[np.ndarray] = []  # the buffer the head writes into, owned here (the request only points to it)
+
+    def fresh_head_output() -> None:
+        """A new buffer for this tile's head logits (54 MB for 8-deep slabs): the last tile's is freed before the
+        trunk runs, and the new one's pages are not resident until the head writes them."""
+        buffer = np.empty(tuple(head_compiled.output(0).get_shape()), dtype=np.float32)
+        head.set_output_tensor(0, ov.Tensor(buffer, shared_memory=True))
+        head_output[:] = [buffer]
 
     def predict_slabs(patch: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        trunk.infer({0: np.ascontiguousarray(patch, dtype=np.float32)}, share_inputs=True)
-        features = trunk.get_output_tensor(0).data
+        fresh_head_output()
+        memory.return_freed_heap()  # the last tile's temporaries (~150 MB of free heap) before the trunk peaks
+        features = _infer(trunk, patch)
+        trunk_compiled.release_memory()
         for z in range(0, features.shape[2], depth):
-            head.infer({0: np.ascontiguousarray(features[:, :, z:z + depth])}, share_inputs=True)
-            yield z, head.get_output_tensor(0).data[0]
+            yield z, _infer(head, features[:, :, z:z + depth])[0]
+        head_compiled.release_memory()
 
     def predict(patch: np.ndarray) -> np.ndarray:  # the whole patch's logits, for callers that want them at once
         out = np.empty((1, NUM_CLASSES, *PATCH_SIZE), dtype=np.float32)
@@ -295,4 +315,6 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
 def make_backend(name: str, threads: int, **options) -> Backend:
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
-    return BACKENDS[name](threads, **options)
+    backend = BACKENDS[name](threads, **options)
+    memory.return_freed_heap()  # the parsed model file and graph rewrites, freed once compiled (~60 MB heap)
+    return backend
