@@ -4,7 +4,8 @@
   labels of the whole-volume accumulator bit for bit, with whole-patch and slab-wise logits;
 - EXACT_STAGES end to end on the 8-tile generated volume: identical labels to the default pipeline;
 - OpenVINO's head on slabs (`head_slab`) gives the patch model's logits bit for bit, and exact_ov_f32's path
-  gives today's labels on a shared CT;
+  gives today's labels on a shared CT; its trunk's activations are released once it has run, and requests hand
+  back their output tensor, never a copy;
 - `split_concat` (decoder convolutions over a skip concatenation as two summed convolutions) is the same math to
   float rounding, and the whole-volume pass compiles each new shape without mixing shapes up;
 - the per-step peak is the step's own (VmHWM reset), and workers do not import torch.
