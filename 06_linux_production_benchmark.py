@@ -87,8 +87,8 @@ def plan_run(args) -> dict:
     from common.model.onnx_meta import check_current_model
     from common.model.weights import WeightsError
     from common.production import sweeps
-    from common.production.choice import choose_variants
-    from common.production.topology import read_topology
+    from common.variants.choice import choose_variants
+    from common.core.topology import read_topology
     from common.variants.table import get_variant
 
     if args.repeats < 1 or args.warmup < 0 or args.cold_repeats < 0 or args.max_threads < 0:
@@ -144,7 +144,7 @@ def measure(args, plan: dict, settings) -> dict:
 
     from common.production import sweeps
     from common.production.cold_start import cold_start
-    from common.production.topology import plan_worker_cpusets
+    from common.core.topology import plan_worker_cpusets
     from common.reports import report
 
     topology, names, cases, engines = plan["topology"], plan["names"], settings.cases, plan["engines"]
@@ -262,7 +262,7 @@ def benchmark(argv=None) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "segment":
-        from common.production.segment_cli import main as segment_main
+        from totalseg_fast.cli import main as segment_main
 
         return segment_main(argv[1:])
     if argv and argv[0] == "benchmark":

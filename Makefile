@@ -17,10 +17,11 @@ endif
 
 .PHONY: bench test setup rust clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -e . >/dev/null
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -38,7 +39,7 @@ bench: $(STAMP) rust
 	@echo "Done: see benchmarks/SUMMARY.md"
 
 test: $(STAMP) rust
-	$(PY) -m ruff check common tests tools *.py
+	$(PY) -m ruff check common totalseg_fast tests tools *.py
 	$(PY) -m pytest -q tests
 	@if command -v cargo >/dev/null && [ -f rust/Cargo.toml ]; then cd rust && cargo test --offline --release -q; fi
 

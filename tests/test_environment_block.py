@@ -50,10 +50,10 @@ def test_summary_and_script_reports_carry_the_block(tmp_path):
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux /proc/cpuinfo")
 def test_production_and_proxy_reports_carry_the_block(tmp_path):
     from common.core.env import environment_record
-    from common.production.choice import VariantChoice
+    from common.variants.choice import VariantChoice
     from common.production.report import write_report
     from common.production.sweeps import Settings
-    from common.production.topology import read_topology
+    from common.core.topology import read_topology
     from tools import proxy_report
 
     settings = Settings(variants=["exact_ov_f32"], tiers={"exact_ov_f32": "exact"}, cases=[], thread_counts=[1],

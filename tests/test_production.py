@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from common.production import sweeps
-from common.production.choice import VariantChoice, choose_variants
+from common.variants.choice import VariantChoice, choose_variants
 from common.production.cold_start import cold_start
 from common.production.recommend import recommend, reproduce_lines
-from common.production.topology import read_topology
+from common.core.topology import read_topology
 from tests.test_topology import make_sysfs
 
 AFFINITY = sorted(os.sched_getaffinity(0))

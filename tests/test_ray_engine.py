@@ -30,8 +30,8 @@ from common.core import paths
 
 pytest.importorskip("ray")
 
-from common.production.ray_engine import MANIFEST, RESULTS, read_manifest  # noqa: E402
-from common.production.segment_cli import main as segment_main  # noqa: E402
+from totalseg_fast.engines.ray_engine import MANIFEST, RESULTS, read_manifest  # noqa: E402
+from totalseg_fast.cli import main as segment_main  # noqa: E402
 
 SCRIPT = paths.REPO_ROOT / "06_linux_production_benchmark.py"
 TESTS = Path(__file__).resolve().parent
@@ -214,7 +214,7 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
 
 def test_embedded_ray_refuses_a_wrong_token(monkeypatch):
     """Token authentication stays on in embedded mode: a GCS call with another token is refused."""
-    from common.production import ray_cluster
+    from totalseg_fast.engines import ray_cluster
 
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         monkeypatch.delenv(name, raising=False)

@@ -11,8 +11,8 @@ import numpy as np
 
 from common.core import paths
 from common.harness import bench
-from common.production.segment_cli import main as segment_main
-from common.production.segment_inputs import expand_inputs, nifti_stem
+from totalseg_fast.cli import main as segment_main
+from totalseg_fast.inputs import expand_inputs, nifti_stem
 from parity_bounds import assert_main_labels_present
 
 SCRIPT = paths.REPO_ROOT / "06_linux_production_benchmark.py"

@@ -33,7 +33,7 @@ def test_one_rule():
 
 
 def test_reports_and_06_name_the_same_winners(tmp_path, monkeypatch):
-    from common.production.choice import choose_variants
+    from common.variants.choice import choose_variants
     from common.reports import optimized_report, report
     from common.variants import table
 

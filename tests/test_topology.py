@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.production.topology import format_cpu_list, parse_cpu_list, plan_worker_cpusets, read_topology
+from common.core.topology import format_cpu_list, parse_cpu_list, plan_worker_cpusets, read_topology
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD

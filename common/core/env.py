@@ -122,7 +122,7 @@ def git_commit() -> str:
 
 def environment_record(threads: int) -> dict:
     from common.model.weights import read_model_info
-    from common.production.topology import read_topology
+    from common.core.topology import read_topology
 
     info = read_model_info()
     topo = read_topology()

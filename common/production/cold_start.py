@@ -15,7 +15,7 @@ import numpy as np
 
 from common.core import paths
 from common.production.pinning import shell_command, taskset_command
-from common.production.topology import format_cpu_list
+from common.core.topology import format_cpu_list
 
 SCRIPT = paths.REPO_ROOT / "06_linux_production_benchmark.py"
 
@@ -78,6 +78,6 @@ def cold_start(case, variant: str, threads: int, cpus: list[int], tmp_root: Path
 
 
 def _stem(path) -> str:
-    from common.production.segment_inputs import nifti_stem
+    from totalseg_fast.inputs import nifti_stem
 
     return nifti_stem(Path(path))

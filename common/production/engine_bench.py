@@ -31,7 +31,7 @@ def cohort(cases: list, workers: int, out_dir: Path, engine: str, repeat: int) -
 
 
 def _ray(items, variant, workers, threads, warmup, out_dir, prefetch: bool = True) -> dict:
-    from common.production import ray_cluster
+    from totalseg_fast.engines import ray_cluster
     from common.production.ray_cohort import embedded_ray, run_measured
 
     with embedded_ray() as connection:

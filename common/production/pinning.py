@@ -22,7 +22,7 @@ from typing import Any
 from common.core.env import THREAD_ENV
 from common.core.formatting import one_line
 from common.harness import workers
-from common.production.topology import format_cpu_list
+from common.core.topology import format_cpu_list
 
 THREAD_ENV_VARS = THREAD_ENV  # the one list (common/core/env.py); the name stays for callers
 

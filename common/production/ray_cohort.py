@@ -16,7 +16,7 @@ from pathlib import Path
 @contextmanager
 def embedded_ray(num_cpus: int | None = None) -> Iterator:
     """An embedded local Ray instance (loopback only) for the duration of the block; yields its Connection."""
-    from common.production import ray_cluster
+    from totalseg_fast.engines import ray_cluster
 
     connection = ray_cluster.connect(None, num_cpus=num_cpus)
     try:
@@ -47,8 +47,8 @@ def run_measured(items: list[tuple[str, str, str]], variant: str, workers: int, 
 
     ray_cluster.ClusterError if fewer than ``workers`` actors fit (a measurement of W must run W workers).
     """
-    from common.production import ray_cluster
-    from common.production.ray_engine import EngineSettings, Job, run_cohort
+    from totalseg_fast.engines import ray_cluster
+    from totalseg_fast.engines.ray_engine import EngineSettings, Job, run_cohort
 
     fit, notes = ray_cluster.plan_workers(workers, threads, memory_mb)
     if fit < workers:

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 
 from common.pipeline.run import STAGES
-from common.production.choice import VariantChoice
+from common.variants.choice import VariantChoice
 from common.production.cold_start import reproduce_command
 from common.production.sweeps import latency_table
-from common.production.topology import Topology, format_cpu_list, plan_worker_cpusets
+from common.core.topology import Topology, format_cpu_list, plan_worker_cpusets
 
 # ----------------------------------------------------------------------------- recommendation
 

@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 
 from common.core.formatting import number
-from common.production.choice import VariantChoice
+from common.variants.choice import VariantChoice
 from common.production.cold_start import reproduce_command
 from common.production.recommend import Recommendation, reproduce_lines
 from common.production.sweeps import Settings, latency_table
-from common.production.topology import Topology, format_cpu_list
+from common.core.topology import Topology, format_cpu_list
 
 
 def plot_latency(table: pd.DataFrame, path: Path) -> Path | None:

@@ -19,7 +19,7 @@ import pandas as pd
 from common.core import paths
 from common.core.formatting import one_line
 from common.production.pinning import memory_fits, run_pinned
-from common.production.topology import Topology, format_cpu_list, plan_worker_cpusets
+from common.core.topology import Topology, format_cpu_list, plan_worker_cpusets
 
 RSS_MARGIN = 1.15  # headroom on the measured peak RSS when deciding whether W workers fit
 SOURCE_RAY = "measured (Ray actors)"
@@ -202,7 +202,7 @@ def throughput_sweep(settings: Settings, topology: Topology, variant: str, laten
         connection = []
 
         def measure(items, workers: int, threads: int):
-            from common.production import ray_cluster
+            from totalseg_fast.engines import ray_cluster
             from common.production.ray_cohort import embedded_ray, run_measured
 
             if not connection:

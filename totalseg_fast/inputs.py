@@ -44,7 +44,7 @@ def default_variant(out_dir: Path | None = None) -> tuple[str, str]:
     from common.variants.selection import FALLBACK_VARIANT
 
     try:
-        from common.production.choice import choose_variants
+        from common.variants.choice import choose_variants
 
         selection = choose_variants(out_dir)
         return selection.exact, selection.note

@@ -1,6 +1,6 @@
 """Segment mode on Ray (``--engine ray``): the cohort over long-lived, self-pinning actors.
 
-- One actor (``common.production.ray_worker.SegmentWorker``) per worker, ``num_cpus=T`` and
+- One actor (``totalseg_fast.engines.ray_worker.SegmentWorker``) per worker, ``num_cpus=T`` and
   ``memory=`` the measured peak per worker, so Ray never packs more workers on a node than fit.
 - The driver keeps one case running on every actor and names the actor's next case, which the actor
   prefetches. When an actor dies mid-case (OOM kill, SIGKILL, ``ray.kill``, a lost node) its case goes
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.production.topology import format_cpu_list
+from common.core.topology import format_cpu_list
 
 MAX_ATTEMPTS = 3  # actors that may die on one case before it is reported as failed
 START_TIMEOUT_S = 600.0  # no case running and no actor ready for this long: the cluster cannot place one
@@ -85,7 +85,7 @@ def append_manifest(out_dir: Path, entry: dict) -> None:
 
 def finished(job: Job, entries: dict[str, dict]) -> bool:
     """True when ``job.output`` exists, has the size recorded, and was made from an input with today's hash."""
-    from common.production.ray_worker import file_sha256
+    from totalseg_fast.engines.ray_worker import file_sha256
 
     entry = entries.get(job.output)
     if entry is None:
@@ -133,7 +133,7 @@ class _Pool:
     def __init__(self, settings: EngineSettings, log: Callable[[str], None]):
         import ray
 
-        from common.production.ray_worker import SegmentWorker
+        from totalseg_fast.engines.ray_worker import SegmentWorker
 
         self.ray, self.settings, self.log = ray, settings, log
         self.cls = ray.remote(SegmentWorker).options(
@@ -201,7 +201,7 @@ def run_cohort(jobs: list[Job], settings: EngineSettings, out_dir: Path, on_row:
     """
     from ray.exceptions import GetTimeoutError, RayActorError
 
-    from common.production.ray_cluster import ClusterError, probe
+    from totalseg_fast.engines.ray_cluster import ClusterError, probe
 
     rows: list[dict] = []
     if not jobs:

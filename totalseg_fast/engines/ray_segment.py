@@ -1,4 +1,4 @@
-"""``06 ... segment --engine ray``: the command-line side of common.production.ray_engine.
+"""``06 ... segment --engine ray``: the command-line side of totalseg_fast.engines.ray_engine.
 
 Exit codes as the local engine: 0 all written (or kept by --resume), 1 some input failed, 2 a usage
 or setup error (no cluster at --address, no node that can hold one worker, an unknown variant, the
@@ -20,8 +20,8 @@ def _err(message: str) -> None:
 
 def plan_jobs(files: list[Path], out_dir: Path) -> tuple[list, list[tuple[str, str]]]:
     """(jobs, (input, reason) errors): the local engine's checks, before anything runs."""
-    from common.production.ray_engine import Job
-    from common.production.segment_inputs import output_for
+    from totalseg_fast.engines.ray_engine import Job
+    from totalseg_fast.inputs import output_for
 
     jobs, errors, seen = [], [], {}
     for path in files:
@@ -37,11 +37,11 @@ def plan_jobs(files: list[Path], out_dir: Path) -> tuple[list, list[tuple[str, s
 
 
 def segment_on_ray(args) -> int:
-    from common.production import ray_cluster
-    from common.production.ray_cluster import ClusterError
-    from common.production.ray_engine import (RESULTS, EngineSettings, WorkerStartError, finished, read_manifest,
+    from totalseg_fast.engines import ray_cluster
+    from totalseg_fast.engines.ray_cluster import ClusterError
+    from totalseg_fast.engines.ray_engine import (RESULTS, EngineSettings, WorkerStartError, finished, read_manifest,
                                               write_results)
-    from common.production.segment_inputs import default_variant, expand_inputs
+    from totalseg_fast.inputs import default_variant, expand_inputs
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     threads = args.threads or 1
@@ -127,7 +127,7 @@ def _run_with_bar(jobs: list, settings, args, rows: list[dict]) -> None:
     """Runs the cohort; each finished row is appended to ``rows`` at once, so an interrupted run keeps them."""
     from tqdm import tqdm
 
-    from common.production.ray_engine import run_cohort
+    from totalseg_fast.engines.ray_engine import run_cohort
 
     counts = {"done": 0, "failed": 0}
     bar = tqdm(total=len(jobs), desc="segment (ray)", unit="case", disable=args.no_progress, file=sys.stderr)

@@ -3,7 +3,7 @@
     python 06_linux_production_benchmark.py segment IN.nii.gz [IN2 ... | FOLDER ...] -o OUT_DIR
         [--variant NAME] [--threads N] [--cpus LIST] [--engine ray [--address HOST:PORT] [--workers W] [--resume]]
 
-``--engine ray`` hands the cohort to common.production.segment_ray (Ray actors; README "Cohorts on Ray").
+``--engine ray`` hands the cohort to totalseg_fast.engines.ray_segment (Ray actors; README "Cohorts on Ray").
 Writes one TotalSegmentator-compatible multilabel NIfTI per input (uint8, the input's grid, affine
 and header) as ``OUT_DIR/<input name>.nii.gz``, written under a temporary name and renamed when
 complete. A bad input costs one ``error: <file>: <reason>`` line; the others go on; the exit code
@@ -23,14 +23,14 @@ from pathlib import Path
 
 from common.core.env import THREAD_ENV
 from common.core.formatting import case_error
-from common.production.segment_inputs import default_variant, expand_inputs, output_for
+from totalseg_fast.inputs import default_variant, expand_inputs, output_for
 
 _T0 = time.time()  # as close to process start as this module can see
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="06_linux_production_benchmark.py segment",
+        prog="totalseg_fast",
         description="Segment CT volumes with the study's recommended variant (TotalSegmentator --fast, "
                     "multilabel output: uint8 on the input grid, input affine and header).")
     parser.add_argument("inputs", nargs="+", help="NIfTI files (.nii/.nii.gz) or folders of them")
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.engine == "ray":
-        from common.production.segment_ray import segment_on_ray
+        from totalseg_fast.engines.ray_segment import segment_on_ray
 
         return segment_on_ray(args)
     ray_only = [flag for flag, value in (("--address", args.address), ("--workers", args.workers),
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {', '.join(ray_only)} need --engine ray", file=sys.stderr)
         return 2
 
-    from common.production.topology import format_cpu_list, parse_cpu_list
+    from common.core.topology import format_cpu_list, parse_cpu_list
 
     if args.cpus:
         try:

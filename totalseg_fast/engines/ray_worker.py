@@ -1,7 +1,7 @@
 """The Ray actor of segment mode: one long-lived worker holding one warmed-up pipeline (variant + threads).
 
 The actor pins itself (Ray does not): it plans this node's worker CPU sets with
-``common.production.topology.plan_worker_cpusets`` (L3/NUMA-aware, as the local pool) and claims
+``common.core.topology.plan_worker_cpusets`` (L3/NUMA-aware, as the local pool) and claims
 the first set whose CPUs no other actor on the node holds. A claim is an ``flock`` on one small file
 per CPU (``$TMPDIR/tsbench-ray-<uid>-cpu<N>.lock``), released by the kernel when the actor's process
 dies, so a replacement actor can take the set over and concurrent cohorts never share a CPU.
@@ -30,7 +30,7 @@ from common.core.env import THREAD_ENV
 from common.core.formatting import case_error
 from common.harness.workers import peak_rss_mb
 
-REAL_PIPELINE = "common.production.ray_worker:real_pipeline"
+REAL_PIPELINE = "totalseg_fast.engines.ray_worker:real_pipeline"
 
 
 class RealPipeline:
@@ -89,7 +89,7 @@ def _lock_path(cpu: int) -> Path:
 
 def claim_cpus(threads: int) -> tuple[list[int], list[int]]:
     """(CPU set, lock fds): the first of this node's planned worker sets with every CPU unclaimed."""
-    from common.production.topology import format_cpu_list, plan_worker_cpusets, read_topology
+    from common.core.topology import format_cpu_list, plan_worker_cpusets, read_topology
 
     topology = read_topology()
     slots = len(topology.cpus) // threads

@@ -1,0 +1,1 @@
+"""How the tool runs a cohort: locally in this process (cli) or on Ray actors (ray_*)."""
