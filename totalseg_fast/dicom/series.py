@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import warnings
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -119,10 +120,16 @@ def _scan(folder: Path, label: str):
             continue
         n_dicom += 1
         try:
-            ds = pydicom.dcmread(path, defer_size="1 KB")
+            with warnings.catch_warnings():  # odd values in a header are not the user's concern here
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, defer_size="1 KB")
         except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
             raise DicomInputError(f"unreadable DICOM file {path.relative_to(folder)} ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        if len(ds) == 0:
+            raise DicomInputError(f"unreadable DICOM file {path.relative_to(folder)} (no data elements read: truncated or corrupt?)")
+        if "PixelData" not in ds and all(k in ds for k in ("Rows", "Columns", "ImagePositionPatient")):
+            raise DicomInputError(f"unreadable slice {path.relative_to(folder)} (no pixel data: truncated?)")
         if _is_image_slice(ds):
             series[str(ds.SeriesInstanceUID)].append((path, ds))
     if n_files == 0:
