@@ -3,7 +3,10 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODELS_DIR = REPO_ROOT / "models"
+# TSBENCH_MODELS_DIR moves every generated model file (ONNX exports, TotalSegmentator's home, caches) elsewhere,
+# e.g. a test's own folder beside the project's models/; the committed proxy stays at PROXY_DIR.
+MODELS_DIR = Path(os.environ.get("TSBENCH_MODELS_DIR") or REPO_ROOT / "models")
+PROXY_DIR = REPO_ROOT / "models" / "proxy"  # committed (tools/train_proxy.py), never generated
 CT_DATA_DIR = REPO_ROOT / "ct_data"
 BENCHMARKS_DIR = REPO_ROOT / "benchmarks"
 DEFAULT_MANIFEST = CT_DATA_DIR / "manifest.csv"

@@ -16,7 +16,7 @@ import numpy as np
 
 from common.core import paths
 
-PROXY_DIR = paths.MODELS_DIR / "proxy"
+PROXY_DIR = paths.PROXY_DIR
 TENSORS = "proxy_fp16.npz"
 META = "proxy.json"
 ALIASES = "__aliases__"

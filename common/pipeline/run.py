@@ -147,8 +147,10 @@ def resample_canonical(data_ras: np.ndarray, spacing: np.ndarray, config: Pipeli
 
 
 def predict_resampled(resampled: np.ndarray, shape_ras: tuple[int, ...], backend: Backend, config: PipelineConfig,
-                      timer: StageTimer, on_tile: Callable[[], None] | None = None) -> tuple[np.ndarray, float]:
-    """`predict_canonical` from its resampled volume: labels on the canonical grid of shape `shape_ras`."""
+                      timer: StageTimer, on_tile: Callable[[], None] | None = None,
+                      keep: dict | None = None) -> tuple[np.ndarray, float]:
+    """`predict_canonical` from its resampled volume: labels on the canonical grid of shape `shape_ras`.
+    `keep`: a dict that receives "labels_3mm", the labels on the resampled grid (x-y-z, before going back)."""
     threads = _numpy_threads(config)
     with timer.stage("preprocess_s"):
         image = resampled.transpose(2, 1, 0)
@@ -202,6 +204,8 @@ def predict_resampled(resampled: np.ndarray, shape_ras: tuple[int, ...], backend
         timer.checkpoint("argmax")
         labels = np.zeros(image.shape, dtype=np.uint8)
         labels[preprocess.bbox_slices(box)] = labels_cropped
+        if keep is not None:
+            keep["labels_3mm"] = labels.transpose(2, 1, 0)
         if config.index_map_resample:  # gathered on the (z, y, x) array: (x, y, z) in Fortran order, as NIfTI stores it
             labels = resample.labels_to_shape_fast(labels, shape_ras[::-1]).transpose(2, 1, 0)
         else:
@@ -236,9 +240,12 @@ def load_volume_lean(path: Path) -> io.Volume:
 
 
 def segment_volume(volume: io.Volume, backend: Backend, config: PipelineConfig, timer: StageTimer,
-                   on_tile: Callable[[], None] | None = None, release_input: bool = False) -> SegmentationResult:
+                   on_tile: Callable[[], None] | None = None, release_input: bool = False,
+                   keep: dict | None = None) -> SegmentationResult:
     """`release_input`: set `volume.data` to None once resampled (the caller keeps only its header and affine),
-    so the loaded voxels are not alive during inference, and hand the freed heap back to the OS."""
+    so the loaded voxels are not alive during inference, and hand the freed heap back to the OS.
+    `keep`: a dict that receives the 3 mm grid's CT ("resampled", x-y-z), its labels ("labels_3mm") and the
+    canonical affine ("affine_ras") and spacing ("spacing"), for TotalSegmentator's statistics and preview."""
     with timer.stage("preprocess_s"):
         data_ras, affine_ras, _ = io.to_canonical(volume.data, volume.affine)
         spacing = resample.header_spacing(data_ras.shape, affine_ras)
@@ -247,7 +254,9 @@ def segment_volume(volume: io.Volume, backend: Backend, config: PipelineConfig, 
     if release_input:
         volume.data = data_ras = None
         memory.return_freed_heap()
-    labels_ras, n_tiles = predict_resampled(resampled, shape_ras, backend, config, timer, on_tile)
+    if keep is not None:
+        keep.update(resampled=resampled, affine_ras=affine_ras, spacing=spacing)
+    labels_ras, n_tiles = predict_resampled(resampled, shape_ras, backend, config, timer, on_tile, keep)
     with timer.stage("postprocess_s"):
         labels = io.from_canonical(labels_ras, affine_ras, volume.affine)
         timer.checkpoint("orientation")
