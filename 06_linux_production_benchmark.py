@@ -9,10 +9,11 @@ Benchmark mode (default):
   peak RSS per worker, and writes benchmarks/production_report.md (+ PNG plots, sweep CSVs,
   production_results.csv) and SUMMARY.md with a recommendation derived from the numbers.
 
-Segment mode (the study's result as a tool):
-    python 06_linux_production_benchmark.py segment IN.nii.gz [IN2 ... | FOLDER] -o OUT_DIR
-        [--variant NAME] [--threads N] [--cpus LIST]
-  writes TotalSegmentator-compatible multilabel NIfTI files (uint8, input grid/affine/header).
+  Then the tool against TotalSegmentator's CLI (--tool-vs-ts): each a fresh process on the first case, as
+  NIfTI and as a DICOM folder, --ml and folder mode, interleaved: wall time, peak memory, identical or not.
+
+Segment mode (the study's result as a tool) is `totalseg_fast` (totalseg_fast/cli.py), the same code:
+    python 06_linux_production_benchmark.py segment -i IN.nii.gz -o OUT [--ml] [-s] [-rs NAMES] ...
 
 Heavy imports live inside functions: pinned children (multiprocessing "spawn") re-import this file.
 """
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-combo", default="",
                         help="W x T for --engines (default: the largest W of the swept combos with the smallest T)")
     parser.add_argument("--engine-repeats", type=int, default=3, help="repeats for --engines (default: %(default)s)")
+    parser.add_argument("--tool-vs-ts", default="ml,folder",
+                        help="modes in which the tool is timed against TotalSegmentator's CLI (fresh processes, "
+                             "interleaved, on the first case, as NIfTI and as a DICOM folder): ml,folder, or none "
+                             "(default: %(default)s)")
+    parser.add_argument("--tool-repeats", type=int, default=1,
+                        help="repeats of that comparison (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=paths.BENCHMARKS_DIR, help="report folder (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -185,8 +192,20 @@ def measure(args, plan: dict, settings) -> dict:
             engine_runs = compare_engines(engines, cases, names[0], *plan["engine_combo"], args.engine_repeats,
                                           args.warmup, args.out, log=engine_log)
             write_csv(engine_runs, "production_engines.csv")
+    tool_rows = []
+    modes = [m for m in args.tool_vs_ts.split(",") if m and m != "none"]
+    if modes and cases:
+        import tempfile
+
+        from common.production.tool_vs_ts import compare
+
+        threads = max(plan["thread_counts"])
+        with tempfile.TemporaryDirectory(dir=args.out, prefix=".tool_vs_ts_") as work:
+            tool_rows = compare(cases[0].case_id, Path(cases[0].image), threads, Path(work), args.tool_repeats,
+                                modes, log=lambda m: print(f"06: {m}", file=sys.stderr))
+        write_csv(pd.DataFrame(tool_rows), "production_tool_vs_totalsegmentator.csv")
     return dict(latency=latency, throughput=throughput, items=items, table=table, cold=cold,
-                engine_runs=engine_runs)
+                engine_runs=engine_runs, tool_rows=tool_rows)
 
 
 def failures(measured: dict) -> list[str]:
@@ -203,6 +222,11 @@ def failures(measured: dict) -> list[str]:
     if not engine_runs.empty:
         errors += [f"engines {r.engine} repeat {r.repeat + 1}: {r.error}" for r in engine_runs.itertuples()
                    if r.status != "ok"]
+    errors += [f"tool vs TotalSegmentator {r['tool']} {r['kind']} {r['mode']}: {r['error']}"
+               for r in measured.get("tool_rows", []) if r["returncode"] != 0]
+    errors += [f"tool vs TotalSegmentator {r['kind']} {r['mode']}: outputs not identical ({r['detail']})"
+               for r in measured.get("tool_rows", []) if r["tool"] == "totalseg_fast" and r["returncode"] == 0
+               and not r.get("identical", True)]
     return errors
 
 
@@ -217,6 +241,7 @@ def benchmark(argv=None) -> int:
     from common.core.env import environment_record
     from common.production import sweeps
     from common.production.engine_bench import engines_markdown
+    from common.production.tool_vs_ts import markdown as tool_markdown
     from common.production.recommend import production_rows, recommend, reproduce_lines
     from common.production.report import plot_latency, plot_throughput, recommendation_markdown, write_report
     from common.reports import report
@@ -245,7 +270,9 @@ def benchmark(argv=None) -> int:
     path = write_report(args.out / "production_report.md", topology=topology, env=env, settings=settings,
                         choice=choice, latency=latency, throughput=throughput, cold=cold, rec=rec,
                         plots=plots, elapsed_s=time.time() - started,
-                        extra_sections=[engines_markdown(measured["engine_runs"])] if plan["engines"] else [])
+                        extra_sections=([engines_markdown(measured["engine_runs"])] if plan["engines"] else [])
+                        + ([tool_markdown(measured["tool_rows"], env.get("weights_kind", "?"), env.get("cpu_model", "?"))]
+                           if measured["tool_rows"] else []))
     report.write_text_atomic(args.out / report.PRODUCTION_RECOMMENDATION, recommendation_markdown(rec, settings))
     summary = report.write_summary(args.out, env)
 

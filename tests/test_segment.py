@@ -58,7 +58,7 @@ def test_segment_shared_ct_and_bad_inputs(tmp_path, shared_data, onnx_model, thr
     os.symlink(good_src, inputs / "example_ct_sm.nii.gz")
     out = tmp_path / "out"
     cpus = sorted(os.sched_getaffinity(0))[:threads]
-    command = [sys.executable, str(SCRIPT), "segment", str(inputs), str(tmp_path / "missing.nii.gz"), "-o", str(out),
+    command = [sys.executable, str(SCRIPT), "segment", str(inputs), str(tmp_path / "missing.nii.gz"), "-o", str(out), "--ml",
                "--variant", "exact_ort_default", "--threads", str(threads), "--cpus", ",".join(map(str, cpus)),
                "--no-progress"]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=paths.REPO_ROOT, timeout=300)
@@ -89,7 +89,7 @@ def test_segment_shared_ct_and_bad_inputs(tmp_path, shared_data, onnx_model, thr
 def test_segment_only_bad_inputs_leaves_nothing(tmp_path, shared_data, onnx_model, threads, capsys):
     bad = make_bad_inputs(tmp_path / "in", shared_data / "example_ct_sm.nii.gz")
     out = tmp_path / "out"
-    rc = segment_main([*(str(p) for p in bad.values()), "-o", str(out), "--variant", "exact_ort_default",
+    rc = segment_main([*(str(p) for p in bad.values()), "-o", str(out), "--ml", "--variant", "exact_ort_default",
                        "--threads", str(threads), "--no-progress"])
     assert rc == 1
     errors = error_lines(capsys.readouterr().err)
@@ -103,7 +103,7 @@ def test_segment_refuses_to_overwrite_input(tmp_path, shared_data, onnx_model, t
     src = folder / "ct.nii.gz"
     src.write_bytes((shared_data / "example_ct_sm.nii.gz").read_bytes())
     before = src.read_bytes()
-    rc = segment_main([str(src), "-o", str(folder), "--variant", "exact_ort_default", "--threads", str(threads),
+    rc = segment_main([str(src), "-o", str(folder), "--ml", "--variant", "exact_ort_default", "--threads", str(threads),
                        "--no-progress"])
     assert rc == 1
     [line] = error_lines(capsys.readouterr().err)

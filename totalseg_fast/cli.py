@@ -351,16 +351,32 @@ def _targets(job: Job) -> list[Path]:
 def segment_job(job: Job, backend, config, classes: dict[int, str], args, saving_threads: int, quiet: bool,
                 bar) -> dict:
     """Read one input, segment it, and write every output it asks for; on failure nothing is left behind."""
-    import numpy as np
-
-    from common.pipeline.run import STAGES, StageTimer, load_volume_lean, segment_volume
-    from common.core import io
-    from totalseg_fast import outputs
+    from common.pipeline.run import StageTimer
 
     timer = StageTimer()
     # the work folder sits where the outputs go, so finished files are renamed into place, never copied
     root = job.mask_dir if job.mask_dir is not None else _targets(job)[0].parent
+    created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _segment_job(job, backend, config, classes, args, saving_threads, quiet, bar, timer, root)
+    except BaseException:
+        for folder in created:  # folders made for this input's outputs go again: nothing left in -o
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _segment_job(job: Job, backend, config, classes: dict[int, str], args, saving_threads: int, quiet: bool,
+                 bar, timer, root: Path) -> dict:
+    import numpy as np
+
+    from common.pipeline.run import STAGES, load_volume_lean, segment_volume
+    from common.core import io
+    from totalseg_fast import outputs
+
     with tempfile.TemporaryDirectory(dir=root, prefix=".totalseg_fast_") as work:
         work = Path(work)
         source = None
@@ -377,7 +393,7 @@ def segment_job(job: Job, backend, config, classes: dict[int, str], args, saving
                 raise ValueError(f"-ot {' '.join(job.dicom_paths)} needs a DICOM input (a folder or zip of slices), "
                                  "as TotalSegmentator")
             volume = load_volume_lean(path) if config.lean_load else io.load_volume(path)
-        keep: dict | None = {} if (job.stats_path or job.preview_path) else None
+        keep: dict = {}  # the 3 mm grid's CT and labels (references, no copies)
         result = segment_volume(volume, backend, config, timer, release_input=config.release_input, keep=keep)
         labels = result.labels
         with timer.stage("save_s"):
@@ -386,7 +402,9 @@ def segment_job(job: Job, backend, config, classes: dict[int, str], args, saving
             staged: list[tuple[Path, Path]] = []  # (written in work/, final path)
             if job.mask_dir is not None:
                 stage = work / "masks"
-                outputs.write_masks(labels, volume.affine, volume.header, stage, classes, saving_threads)
+                # every label of the full-resolution volume is one of the 3 mm labels it was resampled from
+                candidates = np.flatnonzero(np.bincount(keep["labels_3mm"].ravel(), minlength=256))
+                outputs.write_masks(labels, volume.affine, volume.header, stage, classes, saving_threads, candidates)
                 staged += [(stage / f"{name}.nii.gz", job.mask_dir / f"{name}.nii.gz") for name in classes.values()]
             labels_file = None
             if job.ml_path is not None or job.dicom_paths:
@@ -400,7 +418,7 @@ def segment_job(job: Job, backend, config, classes: dict[int, str], args, saving
 
                 write = write_dicom_seg if kind == "dicom_seg" else write_rtstruct
                 staged.append((write(labels_file, source, classes, work / f"out_{kind}.dcm"), target))
-            if keep is not None:
+            if job.stats_path or job.preview_path:
                 labels_3mm = keep["labels_3mm"]
                 if len(classes) < len(TOTAL_CLASSES):
                     labels_3mm = labels_3mm * np.isin(labels_3mm, list(classes)).astype(np.uint8)

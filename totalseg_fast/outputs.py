@@ -104,14 +104,21 @@ def _mask_prefix(shape: tuple[int, ...], affine: np.ndarray, header: nib.Nifti1H
 
 
 def write_masks(labels: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header, out_dir: Path,
-                classes: dict[int, str], threads: int) -> list[Path]:
-    """One `<name>.nii.gz` per class in `classes` (uint8 0/1), compressed in `threads` threads."""
+                classes: dict[int, str], threads: int, candidates=None) -> list[Path]:
+    """One `<name>.nii.gz` per class in `classes` (uint8 0/1), compressed in `threads` threads.
+
+    `candidates`: labels that may be present (e.g. those of the 3 mm labels the volume was resampled from: a
+    superset); the others are written as the one all-zero stream. Default: every class is compared."""
+    import threading
+
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = _mask_prefix(labels.shape, affine, header)
     # NIfTI stores x fastest (Fortran order): the (z, y, x) C-order view of the labels has those bytes
-    fortran = np.ascontiguousarray(labels.T)
-    present = set(np.flatnonzero(np.bincount(fortran.ravel(), minlength=256)).tolist())
+    fortran = labels.T if labels.T.flags.c_contiguous else _transposed_copy(labels, threads)
+    present = set(classes) if candidates is None else {int(c) for c in candidates}
+    step = max(1, (4 << 20) // max(1, fortran[0].size))  # slices per 4 MB chunk
     empty: dict[str, bytes] = {}
+    local = threading.local()
 
     def empty_stream() -> bytes:
         if "gz" not in empty:
@@ -121,7 +128,19 @@ def write_masks(labels: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header
     def one(item: tuple[int, str]) -> Path:
         label, name = item
         if label in present:
-            stream = _gzip(prefix, (fortran == label).view(np.uint8))
+            from isal import isal_zlib
+
+            if getattr(local, "mask", None) is None:  # one cache-sized buffer per thread, not a volume per class
+                local.mask = np.empty((step, *fortran.shape[1:]), np.bool_)
+            comp = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
+            parts = [comp.compress(prefix)]
+            for lo in range(0, fortran.shape[0], step):
+                chunk = fortran[lo:lo + step]
+                out = local.mask[: len(chunk)]
+                np.equal(chunk, label, out=out)
+                parts.append(comp.compress(out.view(np.uint8)))
+            parts.append(comp.flush())
+            stream = b"".join(parts)
         else:
             stream = empty_stream()
         return write_bytes_atomic(out_dir / f"{name}.nii.gz", [stream])
@@ -130,6 +149,21 @@ def write_masks(labels: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header
         empty_stream()  # once, before the pool
     with ThreadPoolExecutor(max(1, threads)) as pool:
         return list(pool.map(one, classes.items()))
+
+
+def _transposed_copy(labels: np.ndarray, threads: int) -> np.ndarray:
+    """np.ascontiguousarray(labels.T), slab by slab in threads (numpy's copy releases the GIL)."""
+    view = labels.T
+    out = np.empty(view.shape, labels.dtype)
+    bounds = np.linspace(0, view.shape[0], max(1, threads) + 1).astype(int)
+
+    def part(lo_hi):
+        lo, hi = lo_hi
+        out[lo:hi] = view[lo:hi]
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(part, zip(bounds[:-1], bounds[1:])))
+    return out
 
 
 def _touching_border(labels: np.ndarray) -> set[int]:

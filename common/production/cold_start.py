@@ -21,14 +21,14 @@ SCRIPT = paths.REPO_ROOT / "06_linux_production_benchmark.py"
 
 
 def segment_argv(inputs: list[str], out_dir: str, variant: str, threads: int, extra: list[str] = ()) -> list[str]:
-    return [sys.executable, str(SCRIPT), "segment", *inputs, "-o", out_dir, "--variant", variant,
+    return [sys.executable, str(SCRIPT), "segment", *inputs, "-o", out_dir, "--ml", "--variant", variant,
             "--threads", str(threads), *extra]
 
 
 def reproduce_command(cpus: list[int], variant: str, threads: int, inputs: str = "IN.nii.gz",
                       out: str = "OUT_DIR") -> str:
     """The exact command line that reproduces a pinned setting (python as `python`)."""
-    argv = ["python", SCRIPT.name, "segment", inputs, "-o", out, "--variant", variant, "--threads", str(threads)]
+    argv = ["python", SCRIPT.name, "segment", inputs, "-o", out, "--ml", "--variant", variant, "--threads", str(threads)]
     return shell_command(taskset_command(cpus, argv, with_thread_env=True))
 
 
