@@ -22,12 +22,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from common.core.io import InputError
+
 CT_MIN_SLICES = 4  # dicom2nifti refuses 3 slices or fewer (a localizer, it says)
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-class DicomInputError(ValueError):
-    """A DICOM input that cannot be segmented; ``str(error)`` is a one-line reason."""
+class DicomInputError(InputError):
+    """A DICOM input that cannot be segmented; ``str(error)`` is a one-line reason (an InputError, so a ValueError,
+    printed by the command as ``error: <input>: <reason>`` without a type name)."""
 
 
 @dataclass
@@ -156,7 +159,7 @@ def _choose(series: dict, series_uid: str | None, note) -> str:
     chosen = max(pool, key=lambda u: len(series[u]))
     if len(ct) > 1:
         others = ", ".join(f"{u} ({len(series[u])} slices)" for u in ct if u != chosen)
-        note(f"note: {len(ct)} CT series here; taking the largest, {chosen} ({len(series[chosen])} slices); "
+        note(f"{len(ct)} CT series here; taking the largest, {chosen} ({len(series[chosen])} slices); "
              f"--series UID picks another: {others}")
     return chosen
 
@@ -206,7 +209,10 @@ def _find_undecodable(items: list, folder: Path) -> str | None:
 
 
 def read_dicom_input(path: Path, work_dir: Path, series_uid: str | None = None, note=print) -> DicomInput:
-    """Convert one DICOM series (folder or zip) to ``work_dir/dicom_ct.nii`` as TotalSegmentator does."""
+    """Convert one DICOM series (folder or zip) to ``work_dir/dicom_ct.nii`` as TotalSegmentator does.
+
+    ``note`` gets each note as one line without a prefix (several CT series; a series that is not CT).
+    """
     import dicom2nifti.convert_dicom as d2n_convert
     from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 
@@ -226,7 +232,7 @@ def read_dicom_input(path: Path, work_dir: Path, series_uid: str | None = None, 
     items = _check_geometry(series[uid], f"series {uid}")
     modality = str(items[0][1].get("Modality", "")).upper()
     if modality != "CT":
-        note(f"note: series {uid} is {modality or 'of no stated modality'}, not CT; TotalSegmentator's "
+        note(f"series {uid} is {modality or 'of no stated modality'}, not CT; TotalSegmentator's "
              "--fast model was trained on CT")
 
     datasets = [ds for _, ds in items]
