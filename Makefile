@@ -43,5 +43,8 @@ test: $(STAMP) rust
 	$(PY) -m pytest -q tests
 	@if command -v cargo >/dev/null && [ -f rust/Cargo.toml ]; then cd rust && cargo test --offline --release -q; fi
 
+# only what the scripts generate: the data, benchmark outputs, and models/ except the committed proxy weights
 clean:
-	rm -rf benchmarks/outputs ct_data models
+	rm -rf ct_data
+	if [ -d benchmarks ]; then find benchmarks -type d -name outputs -prune -exec rm -rf {} +; fi
+	if [ -d models ]; then find models -mindepth 1 -maxdepth 1 ! -name proxy -exec rm -rf {} +; fi

@@ -141,3 +141,53 @@ def test_bad_nifti_inputs_one_line_each_nothing_in_output(tmp_path, small_ct, on
         assert len(line) > len(f"error: {path}: ") + 3
     assert "Traceback" not in proc.stderr
     assert os.listdir(out) == []
+
+
+def test_outputs_match_totalsegmentators_own_functions(tmp_path):
+    """Without any model: our writers against TotalSegmentator's own code on the same labels (an LPS grid with a
+    non-trivial header): masks as its save_segmentation_nifti writes them, the label-map extension of
+    add_label_map_to_nifti, and get_basic_statistics (border rule included) to float rounding."""
+    nnunet = pytest.importorskip("totalsegmentator.nifti_ext_header")
+    ts_stats = pytest.importorskip("totalsegmentator.statistics")
+    from totalseg_fast import outputs
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((40, 36, 30), np.uint8)
+    for label in (1, 5, 7, 51, 117):  # boxes; 117 touches the border
+        lo = rng.integers(4, 20, 3)
+        labels[lo[0]:lo[0] + 9, lo[1]:lo[1] + 8, lo[2]:lo[2] + 6] = label
+    labels[:3, :3, :3] = 117
+    ct = rng.integers(-1000, 1500, labels.shape).astype(np.int32)
+    affine = np.array([[-0.8, 0, 0, 90.3], [0, -0.8, 0, 120.1], [0, 0, 2.5, -300.7], [0, 0, 0, 1]])
+    header = nib.Nifti1Image(ct.astype(np.int16), affine).header
+    header["descrip"] = b"scanner header"
+
+    classes = dict(TOTAL_CLASSES)
+    outputs.write_masks(labels, affine, header, tmp_path / "ours", classes, threads=2, candidates=[0, 1, 5, 7, 51, 117])
+    new_header = header.copy()
+    new_header.set_data_dtype(np.uint8)
+    for label, name in [(1, "spleen"), (5, "liver"), (117, "costal_cartilages"), (2, "kidney_right")]:
+        theirs = tmp_path / f"ts_{name}.nii.gz"
+        nib.save(nib.Nifti1Image((labels == label).astype(np.uint8), affine, new_header), theirs)
+        a, b = nib.load(theirs), nib.load(tmp_path / "ours" / f"{name}.nii.gz")
+        assert b.header.binaryblock == a.header.binaryblock, name
+        np.testing.assert_array_equal(np.asanyarray(b.dataobj), np.asanyarray(a.dataobj))
+    assert len(list((tmp_path / "ours").glob("*.nii.gz"))) == 117
+
+    ours_ml = outputs.write_multilabel(labels, affine, header, tmp_path / "ml.nii.gz", classes)
+    ts_img = nnunet.add_label_map_to_nifti(nib.Nifti1Image(labels, affine, new_header), classes)
+    nib.save(ts_img, tmp_path / "ts_ml.nii.gz")
+    a, b = nib.load(tmp_path / "ts_ml.nii.gz"), nib.load(ours_ml)
+    assert b.header.binaryblock == a.header.binaryblock
+    assert [e.get_content() for e in b.header.extensions] == [e.get_content() for e in a.header.extensions]
+
+    ct_img = nib.Nifti1Image(ct, affine)
+    for exclude in (True, False):
+        expected = ts_stats.get_basic_statistics(labels, ct_img, None, quiet=True, exclude_masks_at_border=exclude)
+        got = outputs.statistics(labels, ct, ct_img.header.get_zooms(), classes, exclude_masks_at_border=exclude)
+        assert list(got) == list(expected)
+        for name, entry in expected.items():
+            assert got[name]["volume"] == pytest.approx(float(entry["volume"]), rel=1e-12), name
+            assert got[name]["intensity"] == pytest.approx(float(entry["intensity"]), abs=1e-5), name
+        assert (got["costal_cartilages"]["volume"] == 0) == exclude  # the border rule
+        assert got["liver"]["volume"] > 0

@@ -27,8 +27,53 @@ def _load(model_path: Path):
     return onnx.load(str(model_path), load_external_data=False)
 
 
+FACTS_CACHE = ".onnx_facts.json"  # beside the models: what each file says about itself, keyed by its stat
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def model_facts(model_path: Path) -> dict:
+    """{"metadata": {key: value}, "inputs": dims, "outputs": dims} of an ONNX file, parsed once per file version:
+    the answer is kept in FACTS_CACHE beside it under the file's size, mtime (ns), inode and device, so a cold
+    start neither imports onnx (1-2 s) nor parses the 66 MB protobuf again. Any rewrite (os.replace: a new
+    inode) misses the cache and is parsed."""
+    import json
+    import os
+    import tempfile
+
+    model_path = Path(model_path)
+    cache = model_path.parent / FACTS_CACHE
+    key = _stat_key(model_path)
+    try:
+        entry = json.loads(cache.read_text()).get(model_path.name)
+        if entry and entry.get("stat") == key:
+            return entry["facts"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    model = _load(model_path)
+    inputs, outputs = io_dims(model)
+    facts = {"metadata": {p.key: p.value for p in model.metadata_props}, "inputs": inputs, "outputs": outputs}
+    try:  # best effort: a read-only models/ folder still works, only slower
+        try:
+            table = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table = table if isinstance(table, dict) else {}
+        table[model_path.name] = {"stat": key, "facts": facts}
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return facts
+
+
 def onnx_checkpoint_sha(model_path: Path) -> str:
-    return {p.key: p.value for p in _load(model_path).metadata_props}.get("checkpoint_sha256", "")
+    return model_facts(model_path)["metadata"].get("checkpoint_sha256", "")
 
 
 def io_dims(model) -> tuple[list, list]:
@@ -45,8 +90,10 @@ def require_patch_model(model, where: str = "", static_only: bool = False) -> No
     `static_only`: any static shape passes (the precise-norm rewrite, also tested on small graphs)."""
     if isinstance(model, (str, Path)):
         where = where or str(model)
-        model = _load(Path(model))
-    inputs, outputs = io_dims(model)
+        facts = model_facts(Path(model))
+        inputs, outputs = facts["inputs"], facts["outputs"]
+    else:
+        inputs, outputs = io_dims(model)
     if static_only and all(isinstance(d, int) and d > 0 for d in (*inputs, *outputs)):
         return
     if inputs != PATCH_INPUT or outputs != PATCH_OUTPUT:
@@ -60,8 +107,8 @@ def check_onnx_matches(model_path: Path, checkpoint_sha256: str | None, model=No
     if not Path(model_path).is_file():
         raise WeightsError(f"{model_path} is missing: run `python 02_export_model.py` first")
     if checkpoint_sha256:
-        model = model if model is not None else _load(Path(model_path))
-        found = {p.key: p.value for p in model.metadata_props}.get("checkpoint_sha256", "")
+        found = ({p.key: p.value for p in model.metadata_props} if model is not None
+                 else model_facts(Path(model_path))["metadata"]).get("checkpoint_sha256", "")
         if found != checkpoint_sha256:
             raise WeightsError(f"{model_path} was exported from checkpoint {found[:16] or '?'}, "
                                f"not the current one {checkpoint_sha256[:16]}: rerun 02_export_model.py")
@@ -75,7 +122,6 @@ def check_current_model(model_path: Path = paths.ONNX_MODEL) -> Path:
 
     if not Path(model_path).is_file():
         raise WeightsError(f"{model_path} is missing: run `python 02_export_model.py` first")
-    model = _load(Path(model_path))
-    check_onnx_matches(model_path, read_model_info().get("checkpoint_sha256"), model)
-    require_patch_model(model, str(model_path))
+    check_onnx_matches(model_path, read_model_info().get("checkpoint_sha256"))
+    require_patch_model(Path(model_path), str(model_path))
     return Path(model_path)

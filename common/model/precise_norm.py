@@ -28,9 +28,9 @@ REWRITE_VERSION = "2"  # bump when the rewrite changes: a cached model of an old
 
 
 def _metadata(model_path: Path) -> dict[str, str]:
-    import onnx
+    from common.model.onnx_meta import model_facts
 
-    props = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    props = model_facts(model_path)["metadata"]
     return {key: props.get(key, "") for key in ("checkpoint_sha256", "precise_norm_version")}
 
 
@@ -102,14 +102,14 @@ def rewrite_instance_norm(model):
 
 def ensure_precise_norm_model(source: Path = paths.ONNX_MODEL, target: Path = PRECISE_NORM_MODEL) -> Path:
     """The rewritten model, built (atomically) when missing or exported from another checkpoint."""
-    import onnx
-
     from common.model.onnx_meta import onnx_checkpoint_sha, require_patch_model
 
     source_sha = onnx_checkpoint_sha(source)
     if target.is_file() and source_sha and _metadata(target) == {"checkpoint_sha256": source_sha,
                                                                  "precise_norm_version": REWRITE_VERSION}:
         return target
+    import onnx
+
     model = onnx.load(str(source))
     require_patch_model(model, str(source), static_only=True)  # the one shape rule: no open axes
     model = rewrite_instance_norm(model)
