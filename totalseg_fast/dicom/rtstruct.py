@@ -7,6 +7,7 @@ closes); holes come out as contours of their own, so a reader filling with the e
 from __future__ import annotations
 
 import datetime
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,16 @@ _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyI
 
 
 def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
-    """Closed contours (n, 2) in (row, column) pixel coordinates around the True pixels of one 2D mask."""
-    from skimage.measure import find_contours
+    """Closed contours (n, 2) in (row, column) pixel coordinates around the True pixels of one 2D mask.
+
+    Points where the contour goes straight on are dropped (the polygon, hence its raster, is unchanged).
+    """
+    from skimage.measure import approximate_polygon, find_contours
 
     padded = np.pad(mask.astype(np.uint8), 1)
     out = []
     for c in find_contours(padded, 0.5, fully_connected="high"):
-        c = c - 1.0
+        c = approximate_polygon(c, tolerance=0) - 1.0
         if len(c) > 1 and np.allclose(c[0], c[-1]):
             c = c[:-1]  # DICOM closes a CLOSED_PLANAR contour itself
         if len(c) >= 3:
@@ -33,12 +37,45 @@ def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+# Implicit VR little endian, written here for the ROI contours (pydicom spends ~25 us per DS value; a whole-body
+# structure set holds millions). Implicit VR also lifts explicit VR's 64 kB limit on one contour's ContourData.
+def _element(tag: int, value: bytes, pad: bytes = b" ") -> bytes:
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _sequence(tag: int, items: list[bytes]) -> bytes:
+    body = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item for item in items)
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(body)) + body
+
+
+def _ds(values: np.ndarray) -> bytes:
+    return "\\".join(map("{:.3f}".format, values.tolist())).encode()
+
+
+def _roi_contour_item(number: int, rgb, contours: list[tuple[bytes, np.ndarray]]) -> bytes:
+    """One ROIContourSequence item: colour, contours [(image reference item bytes, (n, 3) points)], ROI number."""
+    items = [_sequence(0x30060016, [ref]) + _element(0x30060042, b"CLOSED_PLANAR")
+             + _element(0x30060046, str(len(pts)).encode()) + _element(0x30060050, _ds(pts.ravel()))
+             for ref, pts in contours]
+    return (_element(0x3006002A, "\\".join(str(int(v)) for v in rgb).encode())
+            + _sequence(0x30060040, items) + _element(0x30060084, str(number).encode()))
+
+
+def _image_ref_item(src) -> bytes:
+    return (_element(0x00081150, str(src.SOPClassUID).encode(), b"\0")
+            + _element(0x00081155, str(src.SOPInstanceUID).encode(), b"\0"))
+
+
 def write_rtstruct(labels_nifti: Path, source, class_names: dict[int, str], out_path: Path) -> Path:
     """Write ``out_path``: an RT Structure Set of ``labels_nifti`` (on ``source.nifti``'s grid) over the series."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
     from totalseg_fast.dicom.seg import _version
 
@@ -55,7 +92,7 @@ def write_rtstruct(labels_nifti: Path, source, class_names: dict[int, str], out_
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = RT_STRUCTURE_SET_STORAGE, sop_uid
@@ -89,37 +126,44 @@ def write_rtstruct(labels_nifti: Path, source, class_names: dict[int, str], out_
     frame_ref.RTReferencedStudySequence = Sequence([study_ref])
     ds.ReferencedFrameOfReferenceSequence = Sequence([frame_ref])
 
-    positions = [np.array([float(v) for v in s.ImagePositionPatient]) for s in datasets]
-    rois, contours, observations = [], [], []
+    from scipy.ndimage import find_objects
+
+    positions = [np.array([float(v) for v in src.ImagePositionPatient]) for src in datasets]
+    refs = [_image_ref_item(src) for src in datasets]
+    found: dict[int, list] = {idx: [] for idx, _ in chosen}
+    for s, plane in enumerate(on_slices):  # one pass over the slices; each class cut to its box on the slice
+        plane = np.ascontiguousarray(plane)
+        for idx, box in enumerate(find_objects(plane), start=1):
+            if box is None or idx not in found:
+                continue
+            for c in mask_contours(plane[box] == idx):
+                rows, cols = c[:, 0] + box[0].start, c[:, 1] + box[1].start
+                found[idx].append((refs[s], positions[s] + np.outer(cols * dc, row_dir) + np.outer(rows * dr, col_dir)))
+    rois, contour_items, observations = [], [], []
     for number, (idx, name) in enumerate(chosen, start=1):
         roi = Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID = number, frame_uid
         roi.ROIName, roi.ROIGenerationAlgorithm = name[:64], "AUTOMATIC"
         rois.append(roi)
-        items = []
-        for s in np.flatnonzero((on_slices == idx).any(axis=(1, 2))):
-            for c in mask_contours(on_slices[s] == idx):
-                pts = positions[s] + np.outer(c[:, 1] * dc, row_dir) + np.outer(c[:, 0] * dr, col_dir)
-                item = Dataset()
-                item.ContourImageSequence = Sequence([image_ref(datasets[s])])
-                item.ContourGeometricType = "CLOSED_PLANAR"
-                item.NumberOfContourPoints = len(pts)
-                item.ContourData = [f"{v:.3f}" for v in pts.ravel()]
-                items.append(item)
-        roi_contour = Dataset()
-        roi_contour.ROIDisplayColor = list(class_codes(name)[3] or fallback_rgb(idx))
-        roi_contour.ReferencedROINumber = number
-        roi_contour.ContourSequence = Sequence(items)
-        contours.append(roi_contour)
+        contour_items.append(_roi_contour_item(number, class_codes(name)[3] or fallback_rgb(idx), found[idx]))
         obs = Dataset()
         obs.ObservationNumber, obs.ReferencedROINumber = number, number
         obs.ROIObservationLabel = name[:16]  # SH: 16 characters at most
         obs.RTROIInterpretedType, obs.ROIInterpreter = "ORGAN", ""
         observations.append(obs)
     ds.StructureSetROISequence = Sequence(rois)
-    ds.ROIContourSequence = Sequence(contours)
-    ds.RTROIObservationsSequence = Sequence(observations)
+    tail = Dataset()
+    tail.RTROIObservationsSequence = Sequence(observations)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(out_path, enforce_file_format=True)
+    # every element up to (3006,0020) by pydicom, then ROIContourSequence (3006,0039), then (3006,0080)
+    head = DicomBytesIO()
+    ds.save_as(head, enforce_file_format=True)
+    rest = DicomBytesIO()
+    rest.is_little_endian, rest.is_implicit_VR = True, True
+    write_dataset(rest, tail)
+    with open(out_path, "wb") as f:
+        f.write(head.getvalue())
+        f.write(_sequence(0x30060039, contour_items))
+        f.write(rest.getvalue())
     return out_path
