@@ -208,12 +208,31 @@ def _find_undecodable(items: list, folder: Path) -> str | None:
     return None
 
 
+def _dicom2nifti(datasets: list, out: Path) -> None:
+    """dicom2nifti's ``dicom_array_to_nifti(datasets, out, reorient_nifti=True)``, as TotalSegmentator calls it
+    (through ``dicom_series_to_nifti``), minus its first write of the not yet reoriented volume for the generic
+    (CT) converter: same steps, same result, one write instead of two."""
+    import dicom2nifti.convert_dicom as d2n_convert
+    import dicom2nifti.convert_generic as d2n_generic
+    import dicom2nifti.image_reorientation as d2n_reorient
+    import dicom2nifti.settings as d2n_settings
+    from dicom2nifti.exceptions import ConversionValidationError
+
+    if (d2n_settings.resample or not d2n_convert.are_imaging_dicoms(datasets)
+            or d2n_convert._get_vendor(datasets) != d2n_convert.Vendor.GENERIC):
+        d2n_convert.dicom_array_to_nifti(datasets, str(out), reorient_nifti=True)
+        return
+    result = d2n_generic.dicom_to_nifti(datasets, None)
+    if result.get("NII") is None:
+        raise ConversionValidationError("NO_IMAGE")
+    d2n_reorient.reorient_image(result["NII"], str(out))
+
+
 def read_dicom_input(path: Path, work_dir: Path, series_uid: str | None = None, note=print) -> DicomInput:
     """Convert one DICOM series (folder or zip) to ``work_dir/dicom_ct.nii`` as TotalSegmentator does.
 
     ``note`` gets each note as one line without a prefix (several CT series; a series that is not CT).
     """
-    import dicom2nifti.convert_dicom as d2n_convert
     from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 
     path, work_dir = Path(path), Path(work_dir)
@@ -249,7 +268,7 @@ def read_dicom_input(path: Path, work_dir: Path, series_uid: str | None = None, 
 
     out = work_dir / "dicom_ct.nii"
     try:
-        d2n_convert.dicom_array_to_nifti(to_convert, str(out), reorient_nifti=True)
+        _dicom2nifti(to_convert, out)
     except (ConversionError, ConversionValidationError) as e:
         raise DicomInputError(f"cannot convert series {uid}: dicom2nifti says {e}") from None
     except Exception as e:  # noqa: BLE001 - a decoder or a truncated file: name the slice
