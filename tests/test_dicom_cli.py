@@ -22,12 +22,24 @@ from totalseg_fast.dicom.testing import write_ct_series
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def phantom():
+def _phantom(spacing):
     from common.data.phantoms import make_phantom
 
-    hu, labels, affine = make_phantom((64, 64, 40), (6.0, 6.0, 8.0), "LPS", seed=3)
+    hu, labels, affine = make_phantom((64, 64, 40), spacing, "LPS", seed=3)
     return np.maximum(hu, -1024).astype(np.int16), labels, affine
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """The bad inputs' phantom (dicom_bad_inputs.py's reasons name its 8 mm slices)."""
+    return _phantom((6.0, 6.0, 8.0))
+
+
+@pytest.fixture(scope="module")
+def phantom_3mm():
+    """Already on the 3 mm grid: the model sees one small tile (the stand-in's labels are noise; the plumbing
+    is what counts here)."""
+    return _phantom((3.0, 3.0, 3.0))
 
 
 def _run(args: list, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -74,7 +86,7 @@ def test_every_bad_dicom_input_is_one_error_line_exit_1_and_nothing_in_o(onnx_mo
     assert _empty(out1)
 
 
-def test_dicom_folder_to_seg_rtstruct_and_nifti(onnx_model, phantom, tmp_path):
+def test_dicom_folder_to_seg_rtstruct_and_nifti(onnx_model, phantom_3mm, tmp_path):
     """-ot nifti dicom_seg dicom_rtstruct on a shuffled, compressed series: the multilabel NIfTI is on the grid
     TotalSegmentator's conversion gives, the SEG reads back to it slice for slice, the RT-STRUCT names its classes."""
     import highdicom as hd
@@ -82,7 +94,7 @@ def test_dicom_folder_to_seg_rtstruct_and_nifti(onnx_model, phantom, tmp_path):
     from totalseg_fast.dicom._common import labels_on_slices
     from totalseg_fast.dicom.series import read_dicom_input
 
-    hu, _, affine = phantom
+    hu, _, affine = phantom_3mm
     series = tmp_path / "ct_series"
     write_ct_series(hu, series, affine, compress="jpegls", instance_numbers="shuffled")
     (series / "notes.txt").write_text("not DICOM\n")
