@@ -28,7 +28,7 @@ def segment_argv(inputs: list[str], out_dir: str, variant: str, threads: int, ex
 def reproduce_command(cpus: list[int], variant: str, threads: int, inputs: str = "IN.nii.gz",
                       out: str = "OUT_DIR") -> str:
     """The exact command line that reproduces a pinned setting (python as `python`)."""
-    argv = ["python", SCRIPT.name, "segment", inputs, "-o", out, "--ml", "--variant", variant, "--threads", str(threads)]
+    argv = ["python", SCRIPT.name, "segment", inputs, "-o", out, "--variant", variant, "--threads", str(threads)]
     return shell_command(taskset_command(cpus, argv, with_thread_env=True))
 
 

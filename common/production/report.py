@@ -165,5 +165,5 @@ def recommendation_markdown(rec: Recommendation | None, settings: Settings) -> s
                       f"Measured on case(s) {cases}. Reproduce the throughput layout with:", "", "```sh",
                       *reproduce_lines(rec), "```", "",
                       "Details, plots and sweeps: [production_report.md](production_report.md). "
-                      "Use the result with `python 06_linux_production_benchmark.py segment IN.nii.gz -o OUT_DIR` "
+                      "Use the result with `.venv/bin/totalseg_fast -i IN.nii.gz -o OUT --fast` (in place of TotalSegmentator) "
                       "(README).", ""])
