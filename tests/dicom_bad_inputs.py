@@ -40,6 +40,19 @@ def _bad_no_image(phantom, root):
     return root / "in", r"^no DICOM image series in this folder \(1 DICOM file, none an image slice\)$"
 
 
+def _bad_multiframe(phantom, root):
+    paths = _series(phantom, root / "in", n=4)
+    ds = pydicom.dcmread(paths[0])
+    for p in paths[1:]:
+        p.unlink()
+    ds.NumberOfFrames = 4  # one file, four frames: an enhanced-CT style object (no per-slice position)
+    ds.PixelData = ds.PixelData * 4
+    del ds.ImagePositionPatient
+    ds.save_as(paths[0])
+    return root / "in", (r"^multi-frame \(enhanced\) DICOM images are not supported \(1 file\): export the series "
+                         r"as one file per slice$")
+
+
 def _bad_single(phantom, root):
     _series(phantom, root / "in", n=1)
     return root / "in", r"^series [\d.]+ holds a single slice; a CT volume needs at least 4$"
@@ -109,6 +122,6 @@ def _bad_zip_corrupt(phantom, root):
     return root / "in.zip", r"^not a zip file or a folder of DICOM slices$"
 
 
-BAD = {f.__name__[5:]: f for f in (_bad_empty, _bad_no_dicom, _bad_no_image, _bad_single, _bad_truncated,
-                                   _bad_truncated_compressed, _bad_garbage, _bad_unequal, _bad_gap, _bad_duplicate,
-                                   _bad_zip_parent, _bad_zip_absolute, _bad_zip_corrupt)}
+BAD = {f.__name__[5:]: f for f in (
+    _bad_empty, _bad_no_dicom, _bad_no_image, _bad_multiframe, _bad_single, _bad_truncated, _bad_truncated_compressed,
+    _bad_garbage, _bad_unequal, _bad_gap, _bad_duplicate, _bad_zip_parent, _bad_zip_absolute, _bad_zip_corrupt)}

@@ -12,7 +12,7 @@ def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("totalseg_fast")
+        return version("tsbench")  # the project's distribution (pyproject), which holds totalseg_fast
     except PackageNotFoundError:
         return "0"
 

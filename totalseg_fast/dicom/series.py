@@ -115,7 +115,7 @@ def _scan(folder: Path, label: str):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    n_files = n_dicom = 0
+    n_files = n_dicom = n_multiframe = 0
     series: dict[str, list] = defaultdict(list)
     for path in _walk_files(folder):
         n_files += 1
@@ -135,10 +135,15 @@ def _scan(folder: Path, label: str):
             raise DicomInputError(f"unreadable slice {path.relative_to(folder)} (no pixel data: truncated?)")
         if _is_image_slice(ds):
             series[str(ds.SeriesInstanceUID)].append((path, ds))
+        elif int(ds.get("NumberOfFrames") or 1) > 1 and "PixelData" in ds:
+            n_multiframe += 1
     if n_files == 0:
         raise DicomInputError(f"empty {label}: no files")
     if n_dicom == 0:
         raise DicomInputError(f"no DICOM files in this {label} ({n_files} file{'s' * (n_files != 1)}, none DICOM)")
+    if not series and n_multiframe:
+        raise DicomInputError(f"multi-frame (enhanced) DICOM images are not supported ({n_multiframe} file"
+                              f"{'s' * (n_multiframe != 1)}): export the series as one file per slice")
     if not series:
         raise DicomInputError(f"no DICOM image series in this {label} ({n_dicom} DICOM file"
                               f"{'s' * (n_dicom != 1)}, none an image slice)")
