@@ -61,6 +61,11 @@ def test_series_reads_back_to_the_phantom_in_position_order(phantom, tmp_path, c
     along = [float(np.dot(normal, np.array(ds.ImagePositionPatient, float))) for ds in got.datasets]
     assert len(got.datasets) == SHAPE[2] and np.all(np.diff(along) > 0)
     assert got.modality == "CT" and got.series_uid == str(got.datasets[0].SeriesInstanceUID)
+    # the headers handed back are the files' own (the renumbered copies given to dicom2nifti stay private)
+    on_disk = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: pydicom.dcmread(
+        p, stop_before_pixels=True).InstanceNumber for p in paths}
+    assert [ds.InstanceNumber for ds in got.datasets] == [on_disk[ds.SOPInstanceUID] for ds in got.datasets]
+    assert [ds.InstanceNumber for ds in got.datasets] != list(range(1, SHAPE[2] + 1))
 
 
 def test_rescale_slope_and_intercept_apply(phantom, tmp_path):

@@ -266,7 +266,7 @@ def read_dicom_input(path: Path, work_dir: Path, series_uid: str | None = None, 
     ordered = all(n is not None for n in numbers) and (
         all(int(a) < int(b) for a, b in zip(numbers, numbers[1:]))
         or all(int(a) > int(b) for a, b in zip(numbers, numbers[1:])))
-    to_convert = datasets if ordered else [copy.copy(ds) for ds in datasets]
+    to_convert = datasets if ordered else [copy.deepcopy(ds) for ds in datasets]  # copy.copy shares elements
     if not ordered:
         for i, ds in enumerate(to_convert):
             ds.InstanceNumber = i + 1
