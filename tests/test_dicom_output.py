@@ -147,3 +147,38 @@ def test_rtstruct_contours_rasterise_to_the_labels(case, class_names, tmp_path):
         dice[idx] = 2 * (got & want).sum() / (got.sum() + want.sum())
     # measured: every class rasterises back exactly (contours through the midpoints between pixel centres)
     assert min(dice.values()) >= 0.999, {class_names[i]: round(d, 4) for i, d in dice.items() if d < 0.999}
+
+
+def test_anonymised_series_without_type2_attributes_still_gets_seg_and_rtstruct(class_names, tmp_path):
+    """Patient/study type 2 attributes and SliceThickness stripped (as anonymisers do): both outputs are written
+    and the SEG still reads back to the labels; the source headers handed in stay untouched."""
+    import highdicom as hd
+
+    from common.data.phantoms import make_phantom
+
+    hu, labels, affine = make_phantom((48, 48, 12), (8.0, 8.0, 8.0), "LPS", seed=3)
+    stripped = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                "ReferringPhysicianName", "StudyDate", "StudyTime", "SliceThickness")
+    for path in write_ct_series(np.maximum(hu, -1024), tmp_path / "s", affine):
+        ds = pydicom.dcmread(path)
+        for key in stripped:
+            delattr(ds, key)
+        ds.save_as(path)
+    source = read_dicom_input(tmp_path / "s", tmp_path / "w")
+    grid = nib.load(source.nifti)
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.io_orientation(grid.affine))
+    nib.save(nib.Nifti1Image(nib.orientations.apply_orientation(labels, ornt).astype(np.uint8), grid.affine),
+             tmp_path / "labels.nii.gz")
+    expected = np.asarray(labels_on_slices(tmp_path / "labels.nii.gz", source.datasets))
+    seg = hd.seg.segread(write_dicom_seg(tmp_path / "labels.nii.gz", source, class_names, tmp_path / "seg.dcm"))
+    numbers = seg.get_segment_numbers()
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in source.datasets], segment_numbers=numbers,
+        combine_segments=True, relabel=False)
+    to_class = np.zeros(max(numbers) + 1, np.uint8)
+    to_class[numbers] = sorted(set(np.unique(expected).tolist()) - {0})
+    np.testing.assert_array_equal(to_class[pixels], expected)
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness) == 8.0
+    rt = pydicom.dcmread(write_rtstruct(tmp_path / "labels.nii.gz", source, class_names, tmp_path / "rt.dcm"))
+    assert len(rt.ROIContourSequence) == len(numbers)
+    assert all(key not in ds for ds in source.datasets for key in stripped)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from totalseg_fast.dicom._common import class_codes, fallback_rgb, labels_on_slices
+from totalseg_fast.dicom._common import class_codes, fallback_rgb, labels_on_slices, slice_geometry
 
 
 def _version() -> str:
@@ -15,6 +15,33 @@ def _version() -> str:
         return version("tsbench")  # the project's distribution (pyproject), which holds totalseg_fast
     except PackageNotFoundError:
         return "0"
+
+
+# Type 2 attributes highdicom copies from the source images; anonymised series often lack them
+_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+          "ReferringPhysicianName", "StudyDate", "StudyTime")
+
+
+def _with_type2(datasets: list) -> list:
+    """The source headers, where any lacks a type 2 attribute (or SliceThickness, which highdicom reads): copies
+    with it present, empty (SliceThickness: the spacing between the slices)."""
+    import copy
+
+    if all(key in ds for ds in datasets for key in (*_TYPE2, "SliceThickness")):
+        return datasets
+    row_dir, col_dir, _, _ = slice_geometry(datasets[0])
+    gap = np.subtract(*[np.array([float(v) for v in ds.ImagePositionPatient]) for ds in datasets[1::-1]])
+    spacing = abs(float(np.dot(gap, np.cross(row_dir, col_dir))))
+    out = []
+    for ds in datasets:
+        ds = copy.deepcopy(ds)
+        for key in _TYPE2:
+            if key not in ds:
+                setattr(ds, key, "")
+        if "SliceThickness" not in ds:
+            ds.SliceThickness = round(spacing, 6)
+        out.append(ds)
+    return out
 
 
 def write_dicom_seg(labels_nifti: Path, source, class_names: dict[int, str], out_path: Path) -> Path:
@@ -57,7 +84,7 @@ def write_dicom_seg(labels_nifti: Path, source, class_names: dict[int, str], out
         descriptions.append(desc)
     pixel = lut[on_slices]
     seg = hd.seg.Segmentation(
-        source_images=source.datasets, pixel_array=pixel, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=_with_type2(source.datasets), pixel_array=pixel, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=900,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="totalseg_fast",
         manufacturer_model_name="TotalSegmentator --fast (3 mm, total)", software_versions=_version(),
