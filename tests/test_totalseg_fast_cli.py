@@ -191,3 +191,13 @@ def test_outputs_match_totalsegmentators_own_functions(tmp_path):
             assert got[name]["intensity"] == pytest.approx(float(entry["intensity"]), abs=1e-5), name
         assert (got["costal_cartilages"]["volume"] == 0) == exclude  # the border rule
         assert got["liver"]["volume"] > 0
+
+
+def test_default_variant_without_05_results_is_the_measured_exact_one(tmp_path):
+    from common.variants.table import get_variant
+    from totalseg_fast.inputs import MEASURED_EXACT, default_variant
+
+    pytest.importorskip("openvino")
+    name, note = default_variant(tmp_path)  # a folder without onnx_optimized_results.csv
+    assert name == MEASURED_EXACT and "no 05 results" in note
+    assert get_variant(name).tier == "exact"
