@@ -95,6 +95,15 @@ def _bad_gap(phantom, root):
                          r"elsewhere \(missing slices\?\)$")
 
 
+def _bad_gantry_tilt(phantom, root):
+    hu, _, affine = phantom
+    tilted = affine.copy()
+    tilted[1, 2] = 0.15 * affine[2, 2]  # each slice shifted along y: the stack leans (about 8.5 degrees)
+    write_ct_series(hu[:, :, :10], root / "in", tilted, series_uid="1.2.3.99")
+    return root / "in", (r"^series 1\.2\.3\.99 is tilted \(gantry tilt: slice positions not along the slice normal\); "
+                         r"TotalSegmentator's conversion \(dicom2nifti\) refuses it too$")
+
+
 def _bad_duplicate(phantom, root):
     paths = _series(phantom, root / "in", shuffle_names=False)
     shutil.copy(paths[5], root / "in" / "copy.dcm")
@@ -124,4 +133,4 @@ def _bad_zip_corrupt(phantom, root):
 
 BAD = {f.__name__[5:]: f for f in (
     _bad_empty, _bad_no_dicom, _bad_no_image, _bad_multiframe, _bad_single, _bad_truncated, _bad_truncated_compressed,
-    _bad_garbage, _bad_unequal, _bad_gap, _bad_duplicate, _bad_zip_parent, _bad_zip_absolute, _bad_zip_corrupt)}
+    _bad_garbage, _bad_unequal, _bad_gap, _bad_gantry_tilt, _bad_duplicate, _bad_zip_parent, _bad_zip_absolute, _bad_zip_corrupt)}

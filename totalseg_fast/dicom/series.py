@@ -275,7 +275,11 @@ def read_dicom_input(path: Path, work_dir: Path, series_uid: str | None = None, 
     try:
         _dicom2nifti(to_convert, out)
     except (ConversionError, ConversionValidationError) as e:
-        raise DicomInputError(f"cannot convert series {uid}: dicom2nifti says {e}") from None
+        code = str(e.args[0] if e.args else e)
+        if "GANTRY_TILT" in code:
+            raise DicomInputError(f"series {uid} is tilted (gantry tilt: slice positions not along the slice normal)"
+                                  "; TotalSegmentator's conversion (dicom2nifti) refuses it too") from None
+        raise DicomInputError(f"cannot convert series {uid}: dicom2nifti says {code}") from None
     except Exception as e:  # noqa: BLE001 - a decoder or a truncated file: name the slice
         reason = _find_undecodable(items, folder)
         if reason is None:
