@@ -126,6 +126,17 @@ def _bad_zip_absolute(phantom, root):
     return root / "in.zip", r"^zip holds an unsafe path '/tmp/abs\.dcm'"
 
 
+def _bad_zip_damaged(phantom, root):
+    paths = _series(phantom, root / "s")
+    with zipfile.ZipFile(root / "in.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in paths:
+            zf.write(p, p.name)
+    raw = bytearray((root / "in.zip").read_bytes())
+    raw[2000:2400] = bytes(400)  # zeros inside the first members' compressed data: CRC or inflate error
+    (root / "in.zip").write_bytes(bytes(raw))
+    return root / "in.zip", r"^not a readable zip file \((BadZipFile|error): "
+
+
 def _bad_zip_corrupt(phantom, root):
     (root / "in.zip").write_bytes(b"PK\x03\x04" + b"\0" * 100)
     return root / "in.zip", r"^not a zip file or a folder of DICOM slices$"
@@ -133,4 +144,5 @@ def _bad_zip_corrupt(phantom, root):
 
 BAD = {f.__name__[5:]: f for f in (
     _bad_empty, _bad_no_dicom, _bad_no_image, _bad_multiframe, _bad_single, _bad_truncated, _bad_truncated_compressed,
-    _bad_garbage, _bad_unequal, _bad_gap, _bad_gantry_tilt, _bad_duplicate, _bad_zip_parent, _bad_zip_absolute, _bad_zip_corrupt)}
+    _bad_garbage, _bad_unequal, _bad_gap, _bad_gantry_tilt, _bad_duplicate, _bad_zip_parent, _bad_zip_absolute, _bad_zip_damaged,
+    _bad_zip_corrupt)}

@@ -16,6 +16,7 @@ import os
 import shutil
 import warnings
 import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -93,8 +94,9 @@ def _extract_zip(path: Path, dest: Path) -> Path:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(m) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
-    except zipfile.BadZipFile as e:
-        raise DicomInputError(f"not a readable zip file ({e})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:  # damaged, or an unknown method
+        shutil.rmtree(dest, ignore_errors=True)  # no half-extracted series left behind
+        raise DicomInputError(f"not a readable zip file ({type(e).__name__}: {e})") from None
     return dest
 
 
