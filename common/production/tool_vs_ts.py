@@ -74,8 +74,9 @@ def dicom_copy(nifti: Path, folder: Path) -> Path | None:
 
 
 def compare(case_id: str, image: Path, threads: int, work: Path, repeats: int = 1, modes=MODES,
-            kinds=("nifti", "dicom"), log=print) -> list[dict]:
-    """Rows: case, kind, mode, repeat, tool, wall_s, peak_mb, identical."""
+            kinds=("nifti", "dicom"), log=print, rows_path: Path | None = None) -> list[dict]:
+    """Rows: case, kind, mode, repeat, tool, wall_s, peak_mb, identical. `rows_path`: each pair is appended there
+    (JSON lines) as soon as it is measured, so a long run that is stopped keeps what it measured."""
     from common.core.env import THREAD_ENV
 
     env = {**os.environ, **{var: str(threads) for var in THREAD_ENV}}
@@ -101,6 +102,9 @@ def compare(case_id: str, image: Path, threads: int, work: Path, repeats: int = 
                 identical, why = same_outputs(outs["totalsegmentator"], outs["totalseg_fast"])
                 for row in rows[-2:]:
                     row.update(identical=identical, detail=why)
+                    if rows_path is not None:
+                        with open(rows_path, "a") as f:
+                            f.write(json.dumps(row, default=str) + "\n")
                 for out in outs.values():
                     shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -159,7 +163,8 @@ def main(argv=None) -> int:
                                      prefix=".tool_vs_ts_") as work:
         rows = compare(args.case_id or args.image.name.split(".")[0], args.image, args.threads, Path(work),
                        args.repeats, args.modes.split(","), args.kinds.split(","),
-                       log=lambda m: print(m, file=sys.stderr))
+                       log=lambda m: print(m, file=sys.stderr),
+                       rows_path=args.out.with_suffix(".jsonl") if args.out else None)
     env = environment_record(args.threads)
     text = markdown(rows, read_model_info().get("weights_kind", "?"), env.get("cpu_model", "?"))
     print(text)
