@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ray_only = [f"--{name.replace('_', '-')}" for name in RAY_ONLY if getattr(args, name)] + \
         (["--resume"] if args.resume else [])
     if ray_only:
-        return _usage_error(f"{', '.join(ray_only)} need --engine ray")
+        return _usage_error(f"{', '.join(ray_only)}: only with --engine ray")
 
     from common.core.topology import format_cpu_list, parse_cpu_list
 
