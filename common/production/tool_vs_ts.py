@@ -80,7 +80,7 @@ def compare(case_id: str, image: Path, threads: int, work: Path, repeats: int = 
     from common.core.env import THREAD_ENV
 
     env = {**os.environ, **{var: str(threads) for var in THREAD_ENV}}
-    sources = {"nifti": image}
+    sources = {"nifti": image} if "nifti" in kinds else {}
     if "dicom" in kinds:
         folder = dicom_copy(image, work / "dicom_input")
         if folder is not None:
