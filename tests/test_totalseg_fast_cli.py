@@ -201,3 +201,27 @@ def test_default_variant_without_05_results_is_the_measured_exact_one(tmp_path):
     name, note = default_variant(tmp_path)  # a folder without onnx_optimized_results.csv
     assert name == MEASURED_EXACT and "no 05 results" in note
     assert get_variant(name).tier == "exact"
+
+
+def test_tool_vs_totalsegmentator_table_and_identity_check(tmp_path):
+    """06's comparison: one changed voxel (or a changed header) is 'not identical'; the table's ratios."""
+    from common.production.tool_vs_ts import markdown, same_outputs
+
+    data = np.zeros((6, 5, 4), np.uint8)
+    data[2, 2, 2] = 1
+    for name in ("theirs", "ours"):
+        (tmp_path / name).mkdir()
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / name / "liver.nii.gz")
+    assert same_outputs(tmp_path / "theirs", tmp_path / "ours") == (True, "1 files identical")
+    changed = data.copy()
+    changed[0, 0, 0] = 1
+    nib.save(nib.Nifti1Image(changed, np.eye(4)), tmp_path / "ours" / "liver.nii.gz")
+    assert same_outputs(tmp_path / "theirs", tmp_path / "ours")[0] is False
+    nib.save(nib.Nifti1Image(data, np.diag([2, 1, 1, 1])), tmp_path / "ours" / "liver.nii.gz")
+    assert same_outputs(tmp_path / "theirs", tmp_path / "ours")[0] is False
+
+    rows = [dict(case_id="c", kind="nifti", mode="ml", repeat=0, tool=tool, threads=2, wall_s=wall, peak_mb=mb,
+                 returncode=0, error="", identical=True, detail="1 files identical")
+            for tool, wall, mb in (("totalsegmentator", 60.0, 5400.0), ("totalseg_fast", 20.0, 1800.0))]
+    table = markdown(rows, "proxy", "a CPU")
+    assert "| c | nifti | --ml | 2 | 60.0 | 20.0 | 3.00x | 5400 | 1800 | 0.33 | yes | 1 |" in table
