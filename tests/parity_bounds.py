@@ -13,6 +13,24 @@ TWIN_MIN = 0.99999
 EXACT_MIN = PARITY_MIN
 
 
+def assert_written_like(output, source, reference=None) -> None:
+    """The written label file is TotalSegmentator's kind: uint8 on the input's grid (shape), with the input's affine,
+    voxel sizes and qform/sform codes, and (given `reference`, vanilla's file) the same as vanilla's on each."""
+    import nibabel as nib
+    import numpy as np
+
+    ours, src = nib.load(output), nib.load(source)
+    assert ours.get_data_dtype() == np.uint8, f"{output}: dtype {ours.get_data_dtype()} on disk, not uint8"
+    assert ours.shape == src.shape[:3], f"{output}: shape {ours.shape} vs the input's {src.shape[:3]}"
+    for other in [src] + ([nib.load(reference)] if reference is not None else []):
+        np.testing.assert_allclose(ours.affine, other.affine, atol=1e-5)
+        np.testing.assert_allclose(ours.header.get_zooms()[:3], other.header.get_zooms()[:3], rtol=1e-6)
+        for code in ("qform_code", "sform_code"):
+            assert int(ours.header[code]) == int(other.header[code]), f"{output}: {code} {ours.header[code]} " \
+                f"vs {other.header[code]}"
+        np.testing.assert_allclose(ours.header.get_qform(), other.header.get_qform(), atol=1e-5)
+
+
 def assert_main_labels_present(labels, reference, min_fraction: float = 0.01) -> None:
     """Every label that makes up at least `min_fraction` of `reference`'s voxels is in `labels` too, with a voxel
     count within a factor of 2 (and there are at least two such labels: an all-background pair fails)."""
