@@ -180,7 +180,9 @@ def test_openvino_whole_volume_head_slabs_same_labels(threads, models):
     one = _openvino(threads, whole_volume=True)
     sliced = _openvino(threads, whole_volume=True, head_slab=5)  # 48 % 5: a shorter last slab
     volume = np.clip(np.random.default_rng(6).normal(0, 0.5, (1, 1, 48, 64, 80)), -1, 3).astype(np.float32)
-    np.testing.assert_array_equal(sliced.labels_any(volume), one.labels_any(volume))
+    labels = one.labels_any(volume)
+    np.testing.assert_array_equal(sliced.labels_any(volume), labels)
+    assert len(np.unique(labels)) > 100  # measured 114 (stand-in): constant labels would pass the equality
 
 
 def _concat_conv_model(ov, channels=(3, 5), out_channels=4, seed=0):
@@ -213,7 +215,8 @@ def test_split_concat_convs_same_math_without_the_concat():
 
 def test_exact_ov_f32_split_concat_on_the_exported_model(threads, models):
     """The exact variant with split_concat: all four decoder concatenations rewritten, the patch's logits within
-    float rounding of exact_ov_f32's (measured max 2e-5 on the proxy) and the same argmax on >= 99.99 % of voxels."""
+    float rounding of exact_ov_f32's (measured max 2e-5, stand-in and proxy) and the same argmax on >= 99.998 % of
+    voxels (fails with the split weights rounded to float16)."""
     from common.model.weights import PATCH_SIZE
 
     full = _openvino(threads, head_slab=8)
@@ -222,8 +225,10 @@ def test_exact_ov_f32_split_concat_on_the_exported_model(threads, models):
     patch = np.clip(np.random.default_rng(7).normal(0, 0.5, (1, 1, *PATCH_SIZE)), -1, 3).astype(np.float32)
     expected = full.predict(patch)[0]
     got = split.predict(patch)[0]
-    assert np.abs(got - expected).max() < 1e-3
-    assert (got.argmax(0) == expected.argmax(0)).mean() >= 0.9999
+    # measured 2026-12-06 (stand-in weights, 2-core EPYC): max |diff| 2.1e-5, argmax agreement 0.9999925 (12 voxels)
+    assert np.abs(got - expected).max() < 1e-4
+    assert (got.argmax(0) == expected.argmax(0)).mean() >= 0.99998
+    assert len(np.unique(expected.argmax(0))) > 100  # measured 115 labels: a constant argmax would agree trivially
 
 
 def test_whole_volume_compiles_each_new_shape(threads, models):
@@ -236,21 +241,22 @@ def test_whole_volume_compiles_each_new_shape(threads, models):
     first = whole.labels_any(a).copy()
     assert whole.labels_any(b).shape == (1, 1, 48, 32, 32)
     np.testing.assert_array_equal(whole.labels_any(a), first)
-    assert first.shape == (1, 1, 32, 48, 64) and len(np.unique(first)) > 1
+    assert first.shape == (1, 1, 32, 48, 64) and len(np.unique(first)) > 100  # measured 111 (stand-in)
 
 
 def test_exact_ov_f32_lean_path_keeps_todays_labels(threads, generated_volumes, tmp_path, models):
     """exact_ov_f32 as it runs now (head on slabs, streaming, input released) vs as it ran before (whole patch
-    logits, whole-volume accumulator): identical labels on a two-tile CT (generated: any CT will do)."""
+    logits, whole-volume accumulator): identical labels on a generated CT (any CT will do; one tile, so the test stays
+    short: test_exact_stages_streamed_on_eight_tiles streams across tile edges)."""
     from dataclasses import replace
 
     before = replace(EXACT_STAGES, stream_accumulate=False, release_input=False)
     image = generated_volumes["ras_3mm"]
     today = segment_file(image, None, _openvino(threads), before)
     lean = segment_file(image, None, _openvino(threads, head_slab=8), EXACT_STAGES)
-    assert lean.n_tiles == today.n_tiles == 2
+    assert lean.n_tiles == today.n_tiles
     np.testing.assert_array_equal(lean.labels, today.labels)
-    assert len(np.unique(today.labels)) > 3
+    assert len(np.unique(today.labels)) > 50
 
 
 def test_stage_peak_is_the_steps_own():

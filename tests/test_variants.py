@@ -267,9 +267,11 @@ def test_whole_volume_labels_are_the_runtime_argmax(onnx_model, threads):
     assert whole.predict is None
     labels = whole.labels_any(patch)
     assert labels.dtype == np.uint8 and labels.shape == (1, 1, *PATCH_SIZE)
-    assert (labels[0, 0] == expected).mean() >= 0.9999
+    # measured 2026-12-06 (stand-in, 2-core EPYC): identical (1.0), 116 labels in the patch, 115 in the smaller shape
+    assert len(np.unique(expected)) > 100, "a constant argmax would agree trivially"
+    assert (labels[0, 0] == expected).mean() >= 0.99999
     other = whole.labels_any(np.ascontiguousarray(patch[:, :, :48, :64, :80]))
-    assert other.shape == (1, 1, 48, 64, 80) and other.max() > 0
+    assert other.shape == (1, 1, 48, 64, 80) and len(np.unique(other)) > 100
 
 
 def test_whole_volume_needs_its_backend(threads, tmp_path):
