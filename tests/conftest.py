@@ -119,17 +119,22 @@ def generated_volumes(tmp_path_factory) -> dict[str, Path]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """One line at the very end: how many tests skipped, by reason (pytest's -ra lists each one above)."""
+    """Counts the skips by reason; `pytest_unconfigure` prints them as the session's very last line (after -ra's list
+    of each skip and pytest's own pass/fail line)."""
     from collections import Counter
 
-    skipped = terminalreporter.stats.get("skipped", [])
-    if not skipped:
-        terminalreporter.write_line("skipped: none")
-        return
     reasons = Counter()
-    for report in skipped:
+    for report in terminalreporter.stats.get("skipped", []):
         longrepr = report.longrepr
         reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
         reasons[reason.removeprefix("Skipped: ").split(" (")[0][:90]] += 1
+    total = sum(reasons.values())
     detail = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
-    terminalreporter.write_line(f"skipped: {len(skipped)} ({detail})")
+    config._skip_line = f"skipped: {total}" + (f" ({detail})" if total else "")
+
+
+def pytest_unconfigure(config):
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    line = getattr(config, "_skip_line", None)
+    if reporter is not None and line:
+        reporter.write_line(line)
