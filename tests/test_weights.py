@@ -71,21 +71,25 @@ def test_totalsegmentator_runs_offline_on_the_stand_in(generated_volumes, vanill
     assert agreement >= EXACT_MIN, f"agreement {agreement:.6f} < {EXACT_MIN}"
 
 
-# verify_export on the generated 3 mm phantom (anatomy filling the patch), stand-in weights, measured 2026-12-06 on
-# this 2-core EPYC: max |logit diff| MEASURED_DIFF, argmax agreement MEASURED_AGREE (verify_export's own floor is 0.999)
-EXPORT_MAX_DIFF = 0.05
-EXPORT_MIN_AGREEMENT = 0.999
+# verify_export on example_ct (stand-in weights), measured 2026-12-06 on this 2-core EPYC: max |logit diff| 0.00353,
+# argmax agreement 0.999527, largest top-2 margin (torch) where the argmax differs 0.00166. verify_export itself only
+# refuses < 0.999 (so the bounds below are the test's own). A real CT is the point here: on a generated phantom's flat
+# background the plain export's one-pass InstanceNorm sums drift (ras_3mm: 0.99858, below verify_export's floor).
+EXPORT_MAX_DIFF = 0.007
+EXPORT_MIN_AGREEMENT = 0.9994
+EXPORT_MAX_FLIP_MARGIN = 0.005
 
 
-def test_onnx_export_matches_torch_on_a_ct_patch(stand_in, onnx_model, threads, generated_volumes):
+def test_onnx_export_matches_torch_on_a_real_ct_patch(stand_in, onnx_model, threads, shared_data):
     from common.model.export import verify_export
 
-    image = generated_volumes["ras_3mm"]
-    check = verify_export(stand_in, onnx_model, threads, ct_path=image)
-    print(f"max |logit diff| {check.max_abs_diff:.3g}, argmax agreement {check.argmax_agreement:.7f}")
-    assert check.source == str(image)
+    check = verify_export(stand_in, onnx_model, threads)
+    print(f"max |logit diff| {check.max_abs_diff:.3g}, argmax agreement {check.argmax_agreement:.7f}, "
+          f"flips' top-2 margin {check.top2_margin_of_flips}")
+    assert check.source == str(shared_data / "example_ct.nii.gz")
     assert check.argmax_agreement >= EXPORT_MIN_AGREEMENT
     assert check.max_abs_diff < EXPORT_MAX_DIFF
+    assert check.top2_margin_of_flips is None or check.top2_margin_of_flips < EXPORT_MAX_FLIP_MARGIN
 
 
 def _copy_home(stand_in, tmp_path):
