@@ -47,12 +47,16 @@ def assert_main_labels_present(labels, reference, min_fraction: float = 0.01) ->
 
 
 # Approximate variants change the math: their floor is what each measured against vanilla on the
-# lps_anisotropic phantom (stand-in weights, 2026-12-01), less 0.03-0.05. bf16 and int8 rows run only where the
-# CPU has bf16 (OpenVINO OPTIMIZATION_CAPABILITIES), otherwise they are skipped with the reason.
+# lps_anisotropic phantom (stand-in weights), less ~0.005 (~0.03 for bf16/int8, whose values vary more with the
+# CPU's kernels). Measured 2026-12-06 on this 2-core EPYC (no bf16: those rows skip here) unless dated 2026-12-01.
+# bf16 and int8-on-OpenVINO rows run only where the CPU has bf16 (OpenVINO OPTIMIZATION_CAPABILITIES), otherwise
+# they are skipped with the reason.
 APPROXIMATE_MIN = {
-    "approx_ov_f32_onepass_norm": 0.98,  # measured 0.98956: OpenVINO's one-pass InstanceNorm sums
-    "approx_ort_plain_norm": 0.99,  # measured 0.9968 (test_rust, 2026-11): ONNX Runtime's one-pass InstanceNorm sums
-    "approx_ov_bf16": 0.92, "approx_ov_bf16_step1": 0.92, "approx_ov_bf16_bodycrop": 0.92,  # measured 0.95637 (all three)
-    "approx_ov_bf16_whole": 0.92,  # measured 0.95568
-    "approx_ort_int8": 0.68, "approx_ov_int8": 0.68, "approx_ov_int8_whole": 0.68,  # measured 0.72499, 0.72281, 0.72281
+    "approx_ov_f32_onepass_norm": 0.985,  # measured 0.98957: OpenVINO's one-pass InstanceNorm sums
+    "approx_ort_plain_norm": 0.995,  # measured 0.99740: ONNX Runtime's one-pass InstanceNorm sums
+    # measured 0.95637 (all three, 2026-12-01)
+    "approx_ov_bf16": 0.93, "approx_ov_bf16_step1": 0.93, "approx_ov_bf16_bodycrop": 0.93,
+    "approx_ov_bf16_whole": 0.93,  # measured 0.95568 (2026-12-01)
+    # measured 0.72500 (ORT); 0.72281, 0.72281 (OpenVINO, 2026-12-01)
+    "approx_ort_int8": 0.70, "approx_ov_int8": 0.70, "approx_ov_int8_whole": 0.70,
 }
