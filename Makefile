@@ -38,10 +38,13 @@ bench: $(STAMP) rust
 	$(PY) 06_linux_production_benchmark.py $(PROD_ARGS)
 	@echo "Done: see benchmarks/SUMMARY.md"
 
+# pytest -ra lists each skip with its reason and tests/conftest.py ends with one line "skipped: N (reasons)";
+# without cargo the Rust tests are said skipped here too.
 test: $(STAMP) rust
 	$(PY) -m ruff check common totalseg_fast tests tools *.py
-	$(PY) -m pytest -q tests
-	@if command -v cargo >/dev/null && [ -f rust/Cargo.toml ]; then cd rust && cargo test --offline --release -q; fi
+	$(PY) -m pytest -q -ra tests
+	@if command -v cargo >/dev/null && [ -f rust/Cargo.toml ]; then cd rust && cargo test --offline --release -q; \
+	else echo "skipped: cargo test (rust/): cargo not found"; fi
 
 # only what the scripts generate: the data, benchmark outputs, and models/ except the committed proxy weights
 clean:

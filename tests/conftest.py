@@ -1,5 +1,11 @@
 """Shared fixtures: the real CTs in ../shared/data, stand-in weights, the exported ONNX model, and
-vanilla TotalSegmentator outputs (computed once per session, cached per input)."""
+vanilla TotalSegmentator outputs (computed once per session, cached per input).
+
+Real CTs only where a real CT is the point: a test that needs "some good CT" takes a generated phantom
+(`generated_volumes`); a case parametrized over real and generated inputs asks for `shared_data` only for its
+real inputs (`ct_input`), so a fresh clone without ../shared/data runs every phantom case and skips only the
+real-CT ones, each skip saying so. The session ends with a count of skips by reason (`pytest_terminal_summary`).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +19,19 @@ from common.core import paths
 def shared_data() -> Path:
     folder = paths.shared_data_dir()
     if not (folder / "example_ct.nii.gz").is_file():
-        pytest.skip(f"real CTs not found in {folder} (set TSBENCH_SHARED_DATA to the shared/data folder)")
+        pytest.skip(f"real CT case: real CTs not found in {folder} (set TSBENCH_SHARED_DATA to the shared/data folder)")
     return folder
+
+
+@pytest.fixture
+def ct_input(request, generated_volumes):
+    """`ct_input(name)`: a real CT for a name ending in .nii.gz (asks for `shared_data` then, so only real-CT cases
+    skip without it), else the generated volume of that name."""
+    def resolve(name: str) -> Path:
+        if name.endswith(".nii.gz"):
+            return request.getfixturevalue("shared_data") / name
+        return generated_volumes[name]
+    return resolve
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +92,8 @@ def vanilla(tmp_path_factory, stand_in, threads) -> VanillaCache:
 
 @pytest.fixture(scope="session")
 def generated_volumes(tmp_path_factory) -> dict[str, Path]:
-    """Phantom CTs on grids the shared data lacks: non-RAS + anisotropic, already 3 mm, and an 8-tile one."""
+    """Phantom CTs on grids the shared data lacks: non-RAS + anisotropic, already 3 mm, and an 8-tile one; `small`
+    (100 x 100 x 32 at 3 mm RAS, one tile) is "some good CT" for tests of plumbing."""
     import nibabel as nib
 
     from common.data.phantoms import make_phantom
@@ -89,6 +107,7 @@ def generated_volumes(tmp_path_factory) -> dict[str, Path]:
         "ras_3mm": ((118, 108, 108), (3.0, 3.0, 3.0), "RAS"),
         # 137 x 137 x 150 at 3 mm after resampling: 2 x 2 x 2 = 8 tiles at step 0.8
         "eight_tiles": ((514, 514, 300), (0.8, 0.8, 1.5), "LPS"),
+        "small": ((100, 100, 32), (3.0, 3.0, 3.0), "RAS"),
     }
     out = {}
     for name, (shape, spacing, orientation) in specs.items():
@@ -97,3 +116,25 @@ def generated_volumes(tmp_path_factory) -> dict[str, Path]:
         nib.save(nib.Nifti1Image(hu, affine), path)
         out[name] = path
     return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Counts the skips by reason; `pytest_unconfigure` prints them as the session's very last line (after -ra's list
+    of each skip and pytest's own pass/fail line)."""
+    from collections import Counter
+
+    reasons = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ").split(" (")[0][:90]] += 1
+    total = sum(reasons.values())
+    detail = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+    config._skip_line = f"skipped: {total}" + (f" ({detail})" if total else "")
+
+
+def pytest_unconfigure(config):
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    line = getattr(config, "_skip_line", None)
+    if reporter is not None and line:
+        reporter.write_line(line)

@@ -31,10 +31,10 @@ def _run(script, *args):
                           capture_output=True, text=True, cwd=paths.REPO_ROOT, timeout=900)
 
 
-def test_bad_case_becomes_an_error_row_and_the_run_continues(tmp_path, shared_data, onnx_model):
+def test_bad_case_becomes_an_error_row_and_the_run_continues(tmp_path, generated_volumes, onnx_model):
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"\x1f\x8b this is not a gzip stream")
-    manifest = _manifest(tmp_path, [("broken", broken), ("small", shared_data / "example_ct_sm.nii.gz"),
+    manifest = _manifest(tmp_path, [("broken", broken), ("small", generated_volumes["small"]),
                                     ("missing", tmp_path / "nope.nii.gz")])
     out = tmp_path / "bench"
     result = _run("04_onnx_benchmark.py", "--manifest", str(manifest), "--out", str(out))
@@ -61,14 +61,14 @@ def test_missing_manifest_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_unknown_case_id_is_one_line(tmp_path, shared_data):
-    manifest = _manifest(tmp_path, [("small", shared_data / "example_ct_sm.nii.gz")])
+def test_unknown_case_id_is_one_line(tmp_path, generated_volumes):
+    manifest = _manifest(tmp_path, [("small", generated_volumes["small"])])
     result = _run("03_vanilla_benchmark.py", "--manifest", str(manifest), "--cases", "nope", "--out", str(tmp_path))
     assert result.returncode != 0 and "unknown case ids nope" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_variant_that_fails_to_start_is_an_error_row_and_the_others_run(tmp_path, shared_data, onnx_model,
+def test_variant_that_fails_to_start_is_an_error_row_and_the_others_run(tmp_path, generated_volumes, onnx_model,
                                                                        monkeypatch, capsys):
     """05 with a variant whose model file is corrupt: its worker fails to start; that variant costs one error
     row per run (not the whole run), the other variant runs and is scored, and the exit code is 1."""
@@ -80,7 +80,7 @@ def test_variant_that_fails_to_start_is_an_error_row_and_the_others_run(tmp_path
     corrupt.write_bytes(b"this is not an ONNX protobuf" * 100)
     broken = table.Variant("ort_corrupt", "exact", "onnxruntime", "test: corrupt model", {"model": str(corrupt)})
     monkeypatch.setitem(table.VARIANTS, "ort_corrupt", broken)
-    manifest = _manifest(tmp_path, [("small", shared_data / "example_ct_sm.nii.gz")])
+    manifest = _manifest(tmp_path, [("small", generated_volumes["small"])])
     out = tmp_path / "bench"
     script = importlib.import_module("05_optimized_python_benchmark")
     rc = script.main(["--manifest", str(manifest), "--out", str(out), "--variants", "ort_corrupt,exact_ort_tuned",

@@ -89,26 +89,31 @@ def test_exact_stages_streamed_on_eight_tiles(slab_depth, generated_volumes, tmp
     assert len(np.unique(default.labels)) > 3
 
 
-def _openvino_or_skip(threads, **options):
+@pytest.fixture(scope="module")
+def models(onnx_model):
+    """The current models/ (exported from the stand-in when missing or stale; the precise-norm copy is built on first
+    use): a missing model is built, never a reason to skip."""
+    pytest.importorskip("openvino", reason="openvino not installed")
+    return onnx_model
+
+
+def _openvino(threads, **options):
     """OpenVINO fp32 on the precise-norm patch model; on the plain export for a whole-volume pass (the precise-norm
-    statistics are built for the patch shape)."""
-    from common.runtime.backends import BackendUnavailable, make_backend
+    statistics are built for the patch shape). Only a missing openvino package skips (the `models` fixture); any
+    other failure (a stale model, a compile error, a broken rewrite) fails the test."""
+    from common.runtime.backends import make_backend
 
-    pytest.importorskip("openvino")
     model = "plain" if options.get("whole_volume") else "precise_norm"
-    try:
-        return make_backend("openvino", threads, precision="f32", model=model, **options)
-    except (BackendUnavailable, FileNotFoundError, RuntimeError) as exc:
-        pytest.skip(f"no current models/: {exc}")
+    return make_backend("openvino", threads, precision="f32", model=model, **options)
 
 
-def test_openvino_head_slabs_bit_exact(threads):
+def test_openvino_head_slabs_bit_exact(threads, models):
     """Trunk + head on 8-deep slabs = the patch model's logits, bit for bit (fails with a head that drops the
     bias, or slabs written at the wrong depth)."""
     from common.model.weights import PATCH_SIZE
 
-    full = _openvino_or_skip(threads)
-    sliced = _openvino_or_skip(threads, head_slab=8)
+    full = _openvino(threads)
+    sliced = _openvino(threads, head_slab=8)
     assert sliced.predict_slabs is not None
     rng = np.random.default_rng(5)
     for patch in (rng.standard_normal((1, 1, *PATCH_SIZE)).astype(np.float32),
@@ -123,14 +128,14 @@ def test_openvino_head_slabs_bit_exact(threads):
         np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
-def test_openvino_head_slabs_release_the_trunks_activations(threads):
+def test_openvino_head_slabs_release_the_trunks_activations(threads, models):
     """Once the trunk has run, its ~600 MB of activations are back with the OS while the head and the accumulator
     run: the tile's peak is far above the RSS at the first slab (fails without `release_memory`, whose buffers
     stay resident), and the tile leaves little behind (fails with copied outputs)."""
     from common.core.stage_memory import reset_peak, status_mb
     from common.model.weights import PATCH_SIZE
 
-    sliced = _openvino_or_skip(threads, head_slab=8)
+    sliced = _openvino(threads, head_slab=8)
     patch = np.random.default_rng(6).standard_normal((1, 1, *PATCH_SIZE)).astype(np.float32)
     for _ in sliced.predict_slabs(patch):  # warm-up: the features buffer is resident from here on
         pass
@@ -169,13 +174,15 @@ def test_openvino_infer_hands_back_the_output_itself(threads):
     assert status_mb("VmHWM") - start < 128  # the 256 MB output is written in place, not copied
 
 
-def test_openvino_whole_volume_head_slabs_same_labels(threads):
+def test_openvino_whole_volume_head_slabs_same_labels(threads, models):
     """The whole-volume pass with its head + argmax on slabs = the one-model pass (fails with a slab written at
     the wrong depth, or a last slab left unwritten when the depth is not a multiple of the slab)."""
-    one = _openvino_or_skip(threads, whole_volume=True)
-    sliced = _openvino_or_skip(threads, whole_volume=True, head_slab=5)  # 48 % 5: a shorter last slab
+    one = _openvino(threads, whole_volume=True)
+    sliced = _openvino(threads, whole_volume=True, head_slab=5)  # 48 % 5: a shorter last slab
     volume = np.clip(np.random.default_rng(6).normal(0, 0.5, (1, 1, 48, 64, 80)), -1, 3).astype(np.float32)
-    np.testing.assert_array_equal(sliced.labels_any(volume), one.labels_any(volume))
+    labels = one.labels_any(volume)
+    np.testing.assert_array_equal(sliced.labels_any(volume), labels)
+    assert len(np.unique(labels)) > 100  # measured 114 (stand-in): constant labels would pass the equality
 
 
 def _concat_conv_model(ov, channels=(3, 5), out_channels=4, seed=0):
@@ -206,45 +213,50 @@ def test_split_concat_convs_same_math_without_the_concat():
     assert (expected > 0).mean() > 0.3
 
 
-def test_exact_ov_f32_split_concat_on_the_exported_model(threads):
+def test_exact_ov_f32_split_concat_on_the_exported_model(threads, models):
     """The exact variant with split_concat: all four decoder concatenations rewritten, the patch's logits within
-    float rounding of exact_ov_f32's (measured max 2e-5 on the proxy) and the same argmax on >= 99.99 % of voxels."""
+    float rounding of exact_ov_f32's (measured max 2e-5, stand-in and proxy) and the same argmax on >= 99.998 % of
+    voxels (fails with the split weights rounded to float16)."""
     from common.model.weights import PATCH_SIZE
 
-    full = _openvino_or_skip(threads, head_slab=8)
-    split = _openvino_or_skip(threads, head_slab=8, split_concat=True)
+    full = _openvino(threads, head_slab=8)
+    split = _openvino(threads, head_slab=8, split_concat=True)
     assert split.details["split_concat"] == 4
     patch = np.clip(np.random.default_rng(7).normal(0, 0.5, (1, 1, *PATCH_SIZE)), -1, 3).astype(np.float32)
     expected = full.predict(patch)[0]
     got = split.predict(patch)[0]
-    assert np.abs(got - expected).max() < 1e-3
-    assert (got.argmax(0) == expected.argmax(0)).mean() >= 0.9999
+    # measured 2026-12-06 (stand-in weights, 2-core EPYC): max |diff| 2.1e-5, argmax agreement 0.9999925 (12 voxels)
+    assert np.abs(got - expected).max() < 1e-4
+    assert (got.argmax(0) == expected.argmax(0)).mean() >= 0.99998
+    assert len(np.unique(expected.argmax(0))) > 100  # measured 115 labels: a constant argmax would agree trivially
 
 
-def test_whole_volume_compiles_each_new_shape(threads):
+def test_whole_volume_compiles_each_new_shape(threads, models):
     """The whole-volume pass compiled per input shape: shape A, B, then A again gives A's labels again and each
     output has its input's shape (fails if a request compiled for one shape is reused for another)."""
-    whole = _openvino_or_skip(threads, whole_volume=True, head_slab=8)
+    whole = _openvino(threads, whole_volume=True, head_slab=8)
     rng = np.random.default_rng(8)
     a = np.clip(rng.normal(0, 0.5, (1, 1, 32, 48, 64)), -1, 3).astype(np.float32)
     b = np.clip(rng.normal(0, 0.5, (1, 1, 48, 32, 32)), -1, 3).astype(np.float32)
     first = whole.labels_any(a).copy()
     assert whole.labels_any(b).shape == (1, 1, 48, 32, 32)
     np.testing.assert_array_equal(whole.labels_any(a), first)
-    assert first.shape == (1, 1, 32, 48, 64) and len(np.unique(first)) > 1
+    assert first.shape == (1, 1, 32, 48, 64) and len(np.unique(first)) > 100  # measured 111 (stand-in)
 
 
-def test_exact_ov_f32_lean_path_keeps_todays_labels(threads, shared_data, tmp_path):
+def test_exact_ov_f32_lean_path_keeps_todays_labels(threads, generated_volumes, tmp_path, models):
     """exact_ov_f32 as it runs now (head on slabs, streaming, input released) vs as it ran before (whole patch
-    logits, whole-volume accumulator): identical labels on the real CT."""
+    logits, whole-volume accumulator): identical labels on a generated CT (any CT will do; one tile, so the test stays
+    short: test_exact_stages_streamed_on_eight_tiles streams across tile edges)."""
     from dataclasses import replace
 
     before = replace(EXACT_STAGES, stream_accumulate=False, release_input=False)
-    image = shared_data / "example_ct.nii.gz"
-    today = segment_file(image, None, _openvino_or_skip(threads), before)
-    lean = segment_file(image, None, _openvino_or_skip(threads, head_slab=8), EXACT_STAGES)
+    image = generated_volumes["ras_3mm"]
+    today = segment_file(image, None, _openvino(threads), before)
+    lean = segment_file(image, None, _openvino(threads, head_slab=8), EXACT_STAGES)
+    assert lean.n_tiles == today.n_tiles
     np.testing.assert_array_equal(lean.labels, today.labels)
-    assert len(np.unique(today.labels)) > 3
+    assert len(np.unique(today.labels)) > 50
 
 
 def test_stage_peak_is_the_steps_own():

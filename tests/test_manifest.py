@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SHARED = shared_data_dir()
 needs_shared = pytest.mark.skipif(not (SHARED / "example_ct.nii.gz").is_file(),
-                                  reason=f"shared example CTs not found in {SHARED}")
+                                  reason=f"real CT case: real CTs not found in {SHARED}")
 SHARED_SHA256 = {
     "example_ct": "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1",
     "example_ct_sm": "e50c00b2914e2cac0aaee8e7f3b5f57d44d9f21bfd5c0577271c54c0cb49e9fb",

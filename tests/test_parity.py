@@ -15,7 +15,7 @@ from common.core import metrics
 from common.harness import bench
 from common.pipeline.run import PipelineConfig, segment_file
 
-from parity_bounds import EXACT_MIN, TWIN_MIN  # noqa: E402
+from parity_bounds import EXACT_MIN, TWIN_MIN, assert_written_like  # noqa: E402
 
 SHARED = ["example_ct.nii.gz", "example_ct_sm.nii.gz"]
 GENERATED = ["lps_anisotropic", "ras_3mm", "eight_tiles"]
@@ -45,28 +45,20 @@ def plain_backend(onnx_model, threads):
     return _variant_backend("approx_ort_plain_norm", threads)
 
 
-def _input(name, shared_data, generated_volumes):
-    return shared_data / name if name.endswith(".nii.gz") else generated_volumes[name]
-
-
 def _agreement(image, backend, vanilla, tmp_path):
-    import nibabel as nib
-
     out = tmp_path / "ours.nii.gz"
     result = segment_file(image, out, backend, PipelineConfig())
-    reference_img = nib.load(vanilla(image))
-    ours_img = nib.load(out)
-    assert ours_img.shape == nib.load(image).shape[:3]
-    np.testing.assert_allclose(ours_img.affine, reference_img.affine, atol=1e-5)
-    assert ours_img.get_data_dtype() == np.uint8
+    assert_written_like(out, image, vanilla(image))
     ours, reference = bench.read_labels(out), bench.read_labels(vanilla(image))
     assert len(np.unique(reference)) > 5, "vanilla found almost nothing: the comparison would be empty"
-    return metrics.voxel_agreement(ours, reference), result
+    agreement = metrics.voxel_agreement(ours, reference)
+    print(f"{image.name} ({backend.name}): agreement with vanilla {agreement:.7f}")
+    return agreement, result
 
 
 @pytest.mark.parametrize("name", SHARED + GENERATED)
-def test_torch_twin_reproduces_vanilla(name, shared_data, generated_volumes, torch_backend, vanilla, tmp_path):
-    image = _input(name, shared_data, generated_volumes)
+def test_torch_twin_reproduces_vanilla(name, ct_input, torch_backend, vanilla, tmp_path):
+    image = ct_input(name)
     agreement, result = _agreement(image, torch_backend, vanilla, tmp_path)
     if name == "eight_tiles":
         assert result.n_tiles == 8
@@ -74,19 +66,19 @@ def test_torch_twin_reproduces_vanilla(name, shared_data, generated_volumes, tor
 
 
 @pytest.mark.parametrize("name", SHARED + GENERATED)
-def test_onnx_baseline_matches_vanilla(name, shared_data, generated_volumes, ort_backend, vanilla, tmp_path):
-    image = _input(name, shared_data, generated_volumes)
+def test_onnx_baseline_matches_vanilla(name, ct_input, ort_backend, vanilla, tmp_path):
+    image = ct_input(name)
     agreement, _ = _agreement(image, ort_backend, vanilla, tmp_path)
     assert agreement >= EXACT_MIN, f"{name}: ONNX Runtime pipeline agreement {agreement:.6f} < {EXACT_MIN}"
 
 
-def test_plain_model_flips_are_near_ties(shared_data, torch_backend, plain_backend):
+def test_plain_model_flips_are_near_ties(generated_volumes, torch_backend, plain_backend):
     """Where the plain export's ORT labels and torch's differ, torch's own logits for the two labels are nearly tied."""
     from common.core import io
     from common.model.weights import NUM_CLASSES, PATCH_SIZE
     from common.pipeline import preprocess, sliding_window
 
-    volume = io.load_volume(shared_data / "example_ct_sm.nii.gz")
+    volume = io.load_volume(generated_volumes["small"])
     image = volume.data.astype(np.int32).transpose(2, 1, 0)  # already RAS and 3 mm
     cropped = preprocess.normalize_ct(image[preprocess.bbox_slices(preprocess.nonzero_bbox(image))])
     padded, unpad = preprocess.pad_to_patch(cropped, PATCH_SIZE)

@@ -57,8 +57,9 @@ def test_sliding_window_with_identity_network_returns_the_input():
 
 
 @pytest.fixture(scope="module")
-def real_ct(shared_data):
-    return io.load_volume(shared_data / "example_ct_sm.nii.gz")
+def real_ct(generated_volumes):
+    """A CT with anatomy (generated: the units need realistic intensities, not a real scan)."""
+    return io.load_volume(generated_volumes["small"])
 
 
 @pytest.mark.parametrize("spacing", [(0.8, 0.8, 1.5), (0.7, 0.7, 5.0), (3.0, 3.0, 3.0), (1.2, 0.9, 2.0)])

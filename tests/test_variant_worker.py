@@ -1,4 +1,4 @@
-"""A variant in its own worker process (common/harness/variant_worker.py), on the real small CT:
+"""A variant in its own worker process (common/harness/variant_worker.py), on a small generated CT:
 
 - the same labels as the in-process runner, with stage timings and n_tiles, and the row's peak memory
   is the worker's (the benchmark process does not hold the session);
@@ -36,8 +36,8 @@ def isolated(onnx_model, threads):
 
 
 @pytest.fixture
-def small(shared_data):
-    return shared_data / "example_ct_sm.nii.gz"
+def small(generated_volumes):
+    return generated_volumes["small"]
 
 
 def _case(image, case_id="small"):

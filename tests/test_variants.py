@@ -21,14 +21,10 @@ from common.pipeline.run import PipelineConfig, segment_file
 from common.runtime.backends import Backend, BackendUnavailable
 from common.variants.table import EXACT_STAGES, VARIANTS
 
-from parity_bounds import APPROXIMATE_MIN, EXACT_MIN, TWIN_MIN  # noqa: E402
+from parity_bounds import APPROXIMATE_MIN, EXACT_MIN, TWIN_MIN, assert_written_like  # noqa: E402
 EXACT = [n for n, v in VARIANTS.items() if v.tier == "exact" and n != "exact_ort_default"]
 APPROXIMATE = [n for n, v in VARIANTS.items() if v.tier == "approximate"]
 INPUTS = ["example_ct.nii.gz", "example_ct_sm.nii.gz", "lps_anisotropic", "ras_3mm"]
-
-
-def _input(name, shared_data, generated_volumes):
-    return shared_data / name if name.endswith(".nii.gz") else generated_volumes[name]
 
 
 # --- kernels: bit-exact with the reference implementations -------------------------------------------
@@ -133,7 +129,7 @@ def test_exact_options_give_identical_labels(name, generated_volumes, tmp_path):
     assert len(np.unique(default.labels)) > 3
 
 
-def test_lean_load_matches(generated_volumes, shared_data, tmp_path):
+def test_lean_load_matches(generated_volumes, tmp_path):
     import gzip
 
     import nibabel as nib
@@ -141,7 +137,7 @@ def test_lean_load_matches(generated_volumes, shared_data, tmp_path):
     from common.core import io
     from common.pipeline.run import load_volume_lean
 
-    source = shared_data / "example_ct_sm.nii.gz"
+    source = generated_volumes["small"]
     big_endian = tmp_path / "big_endian.nii.gz"  # a byte order and a multi-member stream ISA-L must read
     image = nib.load(source)
     header = image.header.copy()
@@ -167,9 +163,13 @@ def test_lean_load_matches(generated_volumes, shared_data, tmp_path):
 def _agreement(image, backend, config, vanilla, tmp_path):
     out = tmp_path / "ours.nii.gz"
     result = segment_file(image, out, backend, config)
+    assert_written_like(out, image, vanilla(image))  # on disk: uint8, the input's grid, affine and header
+    assert result.labels.dtype == np.uint8
     ours, reference = bench.read_labels(out), bench.read_labels(vanilla(image))
-    assert ours.shape == reference.shape and ours.dtype == np.uint8
-    return metrics.voxel_agreement(ours, reference), result
+    assert len(np.unique(reference)) > 5, "vanilla found almost nothing: the comparison would be empty"
+    agreement = metrics.voxel_agreement(ours, reference)
+    print(f"{image.name} ({backend.name}): agreement with vanilla {agreement:.7f}")
+    return agreement, result
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +180,9 @@ def torch_backend(stand_in, threads):
 
 
 @pytest.mark.parametrize("name", ["example_ct.nii.gz", "lps_anisotropic"])
-def test_torch_twin_of_exact_options(name, shared_data, generated_volumes, torch_backend, vanilla, tmp_path):
+def test_torch_twin_of_exact_options(name, ct_input, torch_backend, vanilla, tmp_path):
     """The exact variants' pipeline options with the network in torch: TotalSegmentator's labels."""
-    image = _input(name, shared_data, generated_volumes)
+    image = ct_input(name)
     agreement, _ = _agreement(image, torch_backend, EXACT_STAGES, vanilla, tmp_path)
     assert agreement >= TWIN_MIN, f"{name}: exact options changed the pipeline ({agreement:.6f})"
 
@@ -207,11 +207,10 @@ def _variant_backend(name, threads):
 
 @pytest.mark.parametrize("name", INPUTS)
 @pytest.mark.parametrize("variant", EXACT)
-def test_exact_variant_matches_vanilla(variant, name, shared_data, generated_volumes, onnx_model, threads,
-                                       vanilla, tmp_path):
+def test_exact_variant_matches_vanilla(variant, name, ct_input, onnx_model, threads, vanilla, tmp_path):
+    image = ct_input(name)
     backend = _variant_backend(variant, threads)
-    agreement, _ = _agreement(_input(name, shared_data, generated_volumes), backend, VARIANTS[variant].config,
-                              vanilla, tmp_path)
+    agreement, _ = _agreement(image, backend, VARIANTS[variant].config, vanilla, tmp_path)
     assert agreement >= EXACT_MIN, f"{variant} on {name}: agreement {agreement:.6f} < {EXACT_MIN}"
 
 
@@ -268,9 +267,11 @@ def test_whole_volume_labels_are_the_runtime_argmax(onnx_model, threads):
     assert whole.predict is None
     labels = whole.labels_any(patch)
     assert labels.dtype == np.uint8 and labels.shape == (1, 1, *PATCH_SIZE)
-    assert (labels[0, 0] == expected).mean() >= 0.9999
+    # measured 2026-12-06 (stand-in, 2-core EPYC): identical (1.0), 116 labels in the patch, 115 in the smaller shape
+    assert len(np.unique(expected)) > 100, "a constant argmax would agree trivially"
+    assert (labels[0, 0] == expected).mean() >= 0.99999
     other = whole.labels_any(np.ascontiguousarray(patch[:, :, :48, :64, :80]))
-    assert other.shape == (1, 1, 48, 64, 80) and other.max() > 0
+    assert other.shape == (1, 1, 48, 64, 80) and len(np.unique(other)) > 100
 
 
 def test_whole_volume_needs_its_backend(threads, tmp_path):

@@ -51,31 +51,45 @@ def test_stand_in_loads_with_nnunet_predictor(stand_in):
     assert tuple(logits.shape) == (1, 118, 32, 32, 32)
 
 
-def test_totalsegmentator_runs_offline_on_the_stand_in(shared_data, vanilla, onnx_model, threads):
-    """TotalSegmentator on the stand-in writes the labels our own pipeline (ONNX Runtime) finds: each label
-    covering 1% of the volume in ours is in TotalSegmentator's output, with a similar voxel count."""
+def test_totalsegmentator_runs_offline_on_the_stand_in(generated_volumes, vanilla, onnx_model, threads):
+    """TotalSegmentator on the stand-in (offline) writes a uint8 label file on the input's grid with the labels our
+    exact pipeline (ONNX Runtime, the exact tier's model) finds, >= the exact tier's bound."""
+    from common.core import metrics
     from common.pipeline.run import PipelineConfig, segment_file
-    from common.runtime.backends import make_backend
+    from common.runtime.backends import EXACT_MODEL, make_backend
 
-    from parity_bounds import assert_main_labels_present
+    from parity_bounds import EXACT_MIN, assert_written_like
 
-    image = shared_data / "example_ct_sm.nii.gz"
-    out = nib.load(vanilla(image))
-    source = nib.load(image)
-    assert out.shape == source.shape and np.allclose(out.affine, source.affine)
-    assert out.get_data_dtype() == np.uint8
-    ours = segment_file(image, None, make_backend("onnxruntime", threads), PipelineConfig()).labels
-    assert_main_labels_present(np.asanyarray(out.dataobj), ours)
+    image = generated_volumes["lps_anisotropic"]  # the one-tile phantom test_parity runs vanilla on too
+    reference = vanilla(image)
+    assert_written_like(reference, image)
+    theirs = np.asanyarray(nib.load(reference).dataobj)
+    assert len(np.unique(theirs)) > 5, "vanilla found almost nothing: the comparison would be empty"
+    ours = segment_file(image, None, make_backend("onnxruntime", threads, model=EXACT_MODEL), PipelineConfig()).labels
+    agreement = metrics.voxel_agreement(ours, theirs)
+    print(f"vanilla vs our exact ORT pipeline on lps_anisotropic: {agreement:.7f}")
+    assert agreement >= EXACT_MIN, f"agreement {agreement:.6f} < {EXACT_MIN}"
+
+
+# verify_export on example_ct (stand-in weights), measured 2026-12-06 on this 2-core EPYC: max |logit diff| 0.00353,
+# argmax agreement 0.999527, largest top-2 margin (torch) where the argmax differs 0.00166. verify_export itself only
+# refuses < 0.999 (so the bounds below are the test's own). A real CT is the point here: on a generated phantom's flat
+# background the plain export's one-pass InstanceNorm sums drift (ras_3mm: 0.99858, below verify_export's floor).
+EXPORT_MAX_DIFF = 0.007
+EXPORT_MIN_AGREEMENT = 0.9994
+EXPORT_MAX_FLIP_MARGIN = 0.005
 
 
 def test_onnx_export_matches_torch_on_a_real_ct_patch(stand_in, onnx_model, threads, shared_data):
     from common.model.export import verify_export
 
     check = verify_export(stand_in, onnx_model, threads)
-    print(f"max |logit diff| {check.max_abs_diff:.3g}, argmax agreement {check.argmax_agreement:.6f}")
-    assert check.source.endswith("example_ct.nii.gz")
-    assert check.argmax_agreement >= 0.999
-    assert check.max_abs_diff < 0.05
+    print(f"max |logit diff| {check.max_abs_diff:.3g}, argmax agreement {check.argmax_agreement:.7f}, "
+          f"flips' top-2 margin {check.top2_margin_of_flips}")
+    assert check.source == str(shared_data / "example_ct.nii.gz")
+    assert check.argmax_agreement >= EXPORT_MIN_AGREEMENT
+    assert check.max_abs_diff < EXPORT_MAX_DIFF
+    assert check.top2_margin_of_flips is None or check.top2_margin_of_flips < EXPORT_MAX_FLIP_MARGIN
 
 
 def _copy_home(stand_in, tmp_path):
