@@ -61,14 +61,17 @@ def test_keep_float_restores_exactly_the_named_convolutions(tmp_path):
     assert int8_mixed.conv_names(qdq) == ["conv0", "conv1"]
     np.testing.assert_allclose(_run(int8_mixed.keep_float(qdq, fp32, {"conv0", "conv1"}), x), _run(fp32, x),
                                rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(_run(int8_mixed.keep_float(qdq, fp32, set()), x), _run(qdq, x))
+    none = int8_mixed.keep_float(qdq, fp32, set())  # int8 compute, float outputs: closer than the plain QDQ model
+    assert sum(n.op_type == "QuantizeLinear" for n in none.graph.node) < \
+        sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node)
+    assert np.abs(_run(none, x) - _run(fp32, x)).mean() < np.abs(_run(qdq, x) - _run(fp32, x)).mean()
     one = int8_mixed.keep_float(qdq, fp32, {"conv0"})
     producers = {o: n for n in one.graph.node for o in n.output}
     conv0, conv1 = (next(n for n in one.graph.node if n.name == name) for name in ("conv0", "conv1"))
     assert conv0.input[0] == "x" and conv0.input[1].endswith("__float"), "conv0 reads the float input and weight"
     assert producers[conv1.input[0]].op_type == "DequantizeLinear", "conv1 stays quantized"
     error_one = np.abs(_run(one, x) - _run(fp32, x)).mean()
-    error_all = np.abs(_run(qdq, x) - _run(fp32, x)).mean()
+    error_all = np.abs(_run(none, x) - _run(fp32, x)).mean()
     assert error_one < error_all, (error_one, error_all)
 
 
@@ -90,12 +93,16 @@ def test_variant_is_data_and_missing_model_is_a_skip(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def int8_mixed_model(onnx_model, tmp_path_factory):
-    """The stand-in's mixed model, first and last convolutions float (no sensitivity pass: minutes)."""
+    """The stand-in's mixed model, first and last convolutions float (no sensitivity pass: minutes), written to a
+    temporary folder (never over models/'s) and resolved from there while this module runs."""
     import onnx
 
     names = [n.name for n in onnx.load(str(onnx_model), load_external_data=False).graph.node if n.op_type == "Conv"]
-    return int8_mixed.build_int8_mixed_model(target=int8_mixed.INT8_MIXED_MODEL, float_layers=[names[0], names[-1]],
-                                             log=lambda m: None)
+    target = tmp_path_factory.mktemp("int8_mixed") / "totalseg_fast_int8_mixed.onnx"
+    int8_mixed.build_int8_mixed_model(target=target, float_layers=[names[0], names[-1]], log=lambda m: None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8_mixed, "INT8_MIXED_MODEL", target)
+        yield target
 
 
 def test_int8_mixed_variant_grid_affine_dtype_and_floor(int8_mixed_model, generated_volumes, threads, vanilla,

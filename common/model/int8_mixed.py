@@ -4,10 +4,12 @@ in which the convolutions whose quantization costs the most agreement run unquan
 1. Calibrate once (common/model/quantize.py's recipe: ONNX Runtime static QDQ, per-channel int8 weights, uint8
    activations, on 64^3 patches of phantoms made for calibration only, seeds CALIBRATION_SEEDS; never an
    evaluation case).
-2. Sensitivity: for each resolution block alone kept in float (its input QDQ pair bypassed, its original float weight
+2. Every convolution's output stays float (`float_outputs`: ONNX Runtime's QDQ format rounds each one to uint8
+   before the float InstanceNorm). Sensitivity: for each resolution block alone kept in float (its input QDQ pair bypassed, its original float weight
    and bias restored), the argmax agreement with the float model on the calibration patches (ONNX Runtime).
 3. Greedy: keep in float the blocks (`layer_group`: encoder stage, decoder stage, head) with the largest gain, one
-   by one, until the agreement on the calibration patches reaches `target` or `max_float` convolutions are float.
+   by one, until the agreement on the calibration patches reaches `target`, `max_float` convolutions are float, or the next
+   block gained nothing alone.
 
 The result is shape-agnostic like the INT8 model; its declared shapes are set back to the static patch, and the
 layers kept float are written in its metadata (`tsbench_int8_float_layers`).
@@ -28,13 +30,40 @@ def _producers(graph) -> dict[str, object]:
     return {out: node for node in graph.node for out in node.output}
 
 
+def float_outputs(model) -> None:
+    """Drop the Q/DQ pair ONNX Runtime's QDQ quantizer puts on every convolution's output (in place): the next
+    layer (InstanceNorm, or the logits) is float, so that pair only rounds the float sums to uint8."""
+    graph = model.graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    drop = set()
+    for node in graph.node:
+        if node.op_type not in QUANTIZED:
+            continue
+        q = consumers.get(node.output[0], [])
+        if len(q) != 1 or q[0].op_type != "QuantizeLinear":
+            continue
+        dq = consumers.get(q[0].output[0], [])
+        if len(dq) != 1 or dq[0].op_type != "DequantizeLinear":
+            continue
+        node.output[0] = dq[0].output[0]  # the conv now writes the float tensor its consumers read
+        drop.update({id(q[0]), id(dq[0])})
+    kept = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def keep_float(qdq, fp32, names: set[str]):
     """A copy of the QDQ model `qdq` where the convolutions named in `names` read their float input (the tensor
-    before its QuantizeLinear) and their float weight and bias from `fp32`; unused Q/DQ nodes are dropped."""
+    before its QuantizeLinear) and their float weight and bias from `fp32`, and every convolution's output is float
+    (`float_outputs`); unused Q/DQ nodes are dropped."""
     import onnx
 
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
+    float_outputs(model)
     graph = model.graph
     produced = _producers(graph)
     float_inits = {i.name: i for i in fp32.graph.initializer}
@@ -146,11 +175,11 @@ def build_int8_mixed_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_
     small_q.unlink(missing_ok=True)
     patches = patches[::2]  # sensitivity on half of them (2 per calibration phantom): each check is a compile + runs
     reference = _labels(fp32, patches, threads)
-    base = agreement(qdq, patches, reference, threads)
+    base = agreement(keep_float(qdq, fp32, set()), patches, reference, threads)
     if float_layers is not None:
         return _write(qdq, fp32, list(float_layers), base, agreement(keep_float(qdq, fp32, set(float_layers)), patches,
                                                                     reference, threads), len(patches), target, log)
-    log(f"int8 (all convolutions): agreement {base:.5f} with float on {len(patches)} calibration patches")
+    log(f"int8 (all convolutions, float outputs): agreement {base:.5f} with float on {len(patches)} calibration patches")
     groups: dict[str, list[str]] = {}
     for conv in conv_names(qdq):
         groups.setdefault(layer_group(conv), []).append(conv)
@@ -161,7 +190,7 @@ def build_int8_mixed_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_
     chosen: list[str] = []
     score = base
     for group in sorted(gains, key=lambda g: -gains[g]):
-        if score >= target_agreement or len(chosen) >= max_float:
+        if score >= target_agreement or len(chosen) >= max_float or gains[group] <= 0:
             break
         chosen += groups[group]
         score = agreement(keep_float(qdq, fp32, set(chosen)), patches, reference, threads)
