@@ -71,6 +71,7 @@ def _load(out_dir: Path) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=RESULT_COLUMNS)
     frame = pd.concat(frames, ignore_index=True)
+    frame, _ = report.same_run_rows(frame)  # a CSV another run left (other CPU or weights) is not this run's
     frame["variant"] = frame["variant"].fillna("")
     optimized_cases = frame.loc[frame.implementation == "onnx_optimized", "case_id"].unique()
     if len(optimized_cases):  # every row over the same cases, or medians compare different volumes
