@@ -9,9 +9,9 @@ import pytest
 from common.model import int8_mixed
 
 # Approximate-tier floor vs vanilla on the lps_anisotropic phantom (stand-in weights); tests/parity_bounds.py has
-# another owner, so it is defined here. approx_ov_int8 measured 0.72281 there (parity_bounds); the mixed model keeps
-# its first and last convolutions float in this test.
-INT8_MIXED_MIN = 0.68
+# another owner, so it is defined here. Measured 0.81983 (2026-12-06, first and last convolutions float, float
+# convolution outputs; approx_ov_int8 measured 0.72281 there).
+INT8_MIXED_MIN = 0.78
 
 
 def _tiny_models(tmp_path):
