@@ -50,6 +50,12 @@ def make_runners(names: list[str], threads: int, with_vanilla: bool, with_baseli
             ensure_int8_model(log=lambda m: print(m, file=sys.stderr))
         except Exception as exc:  # the int8 rows are then skipped below, with the reason
             notes.append(f"- INT8 calibration failed: {type(exc).__name__}: {exc}")
+    if calibrate and any(get_variant(n).backend_options.get("model") == "int8_mixed" for n in names):
+        try:
+            from common.model.int8_mixed import ensure_int8_mixed_model
+            ensure_int8_mixed_model(log=lambda m: print(m, file=sys.stderr))
+        except Exception as exc:  # the row is then skipped below, with the reason
+            notes.append(f"- INT8 mixed calibration failed: {type(exc).__name__}: {exc}")
     for name in names:
         variant = get_variant(name)
         try:
@@ -73,7 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="", help="comma-separated variant names (default: all but exact_ort_default)")
     parser.add_argument("--with-vanilla", action="store_true", help="interleave vanilla TotalSegmentator runs")
     parser.add_argument("--with-baseline", action="store_true", help="interleave the default ORT pipeline")
-    parser.add_argument("--calibrate", action="store_true", help="(re)build the INT8 model and exit")
+    parser.add_argument("--calibrate", action="store_true", help="(re)build the INT8 models (all convolutions; sensitive ones kept float) and exit")
     parser.add_argument("--no-peak", action="store_true",
                         help="skip the per-precision peak GFLOP/s microbenchmarks (common/runtime/peaks.py)")
     parser.add_argument("--no-profile", action="store_true",
@@ -85,8 +91,10 @@ def main(argv=None) -> int:
         print(list_variants())
         return 0
     if args.calibrate:
+        from common.model.int8_mixed import build_int8_mixed_model
         from common.model.quantize import build_int8_model
         build_int8_model()
+        build_int8_mixed_model()
         return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()] or \
         [n for n in VARIANTS if n != "exact_ort_default"]

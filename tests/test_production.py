@@ -60,7 +60,8 @@ def test_choose_variants_from_05_results(tmp_path, monkeypatch):
                                         ("removed_variant", "approximate", 0.5, 0.9)]:
         for case_id in ("a", "b"):
             rows.append({"implementation": "onnx_optimized", "variant": variant, "tier": tier, "case_id": case_id,
-                         "status": "ok", "wall_s": wall, "parity_agreement": parity})
+                         "status": "ok", "wall_s": wall, "parity_agreement": parity,
+                         "parity_dice": 0.995})  # approximate rows are picked only at Dice >= 0.99 (test_approx_pick)
     pd.DataFrame(rows).to_csv(tmp_path / "onnx_optimized_results.csv", index=False)
     choice = choose_variants(tmp_path)
     assert choice.exact == "slow_exact", "the faster exact variant fails parity >= PARITY_MIN"

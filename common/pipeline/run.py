@@ -39,12 +39,15 @@ class PipelineConfig:
     # Approximate tier: changes the math.
     body_crop: bool = False        # run the network only inside the box of voxels > -500 HU
     whole_volume: bool = False     # one pass over the whole (stride-padded) volume instead of tiles
+    air_tiles: bool = False        # tiles whose whole input is air (< -500 HU) not run, blended as background
+    #                                (common/pipeline/air_tiles.py; streaming tiles only)
     threads: int = 0               # numpy/native work split over this many threads (0 = the affinity mask);
     #                                a variant's runner sets it from --threads (Variant.config_for)
 
     @property
     def exact(self) -> bool:
-        return not (self.body_crop or self.whole_volume or self.step != 0.8 or self.resample_order != 1)
+        return not (self.body_crop or self.whole_volume or self.air_tiles or self.step != 0.8
+                    or self.resample_order != 1)
 
 
 @dataclass
@@ -171,6 +174,10 @@ def predict_resampled(resampled: np.ndarray, shape_ras: tuple[int, ...], backend
             n_tiles = round(float(np.prod(padded.shape) / np.prod(config.patch)), 2)
         else:
             n_tiles = sliding_window.count_tiles(cropped.shape, config.patch, config.step)
+            if config.air_tiles:  # the tiles actually run
+                from common.pipeline.air_tiles import count_air_tiles
+
+                n_tiles -= count_air_tiles(padded, config.patch, config.step)[0]
         timer.checkpoint("normalize_pad")
     with timer.stage("inference_s"):
         backend = timed_backend(backend, timer)
@@ -184,9 +191,13 @@ def predict_resampled(resampled: np.ndarray, shape_ras: tuple[int, ...], backend
         elif backend.predict is None:
             raise ValueError(f"backend {backend.name} was built for whole-volume labels: no tiles")
         elif config.stream_accumulate:
+            from common.pipeline.air_tiles import skip_air
+
             labels_cropped = sliding_window.sliding_window_labels(
                 padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads,
-                backend.predict_slabs)[unpad]
+                backend.predict_slabs, skip_air if config.air_tiles else None)[unpad]
+        elif config.air_tiles:
+            raise ValueError("air_tiles needs stream_accumulate (the streaming tile loop)")
         elif config.f16_accumulate:
             logits, weights = sliding_window.sliding_window_accumulate(
                 padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads,

@@ -294,13 +294,18 @@ def _depth_blocks(image_depth: int, patch_depth: int, step: float) -> list[tuple
 
 def sliding_window_labels(image: np.ndarray, predict: Predict | None, patch: tuple[int, ...], step: float,
                           n_classes: int, on_tile: Callable[[], None] | None = None, threads: int = 1,
-                          predict_slabs: PredictSlabs | None = None) -> np.ndarray:
+                          predict_slabs: PredictSlabs | None = None,
+                          skip_tile: Callable[[np.ndarray], float | None] | None = None) -> np.ndarray:
     """uint8 labels of the whole `image`: `divide_argmax(*sliding_window_accumulate(...))`, bit for bit, with the
     float16 accumulator held only for the depth blocks the current tile touches.
 
     Tiles run in `tile_slices`' order (depth outermost), so once a tile starts at depth z no later tile touches
     anything above z: those blocks are divided, argmaxed and freed. Each voxel still receives its tiles' sums
     in the same order, so every float16 value is the one the whole-volume accumulator holds.
+
+    `skip_tile(tile) -> logit or None` (approximate tier, common/pipeline/air_tiles.py): a tile for which it
+    returns a number is not run; its blend share goes to the background class alone (that logit x the Gaussian,
+    every other class 0), its Gaussian weight is added as usual: the grid and every other tile are unchanged.
     """
     if predict_slabs is None:
         def predict_slabs(patch_input):
@@ -325,7 +330,13 @@ def sliding_window_labels(image: np.ndarray, predict: Predict | None, patch: tup
             if b not in blocks:
                 shape = (b[1] - b[0], *image.shape[1:])
                 blocks[b] = np.zeros((n_classes, *shape), dtype=np.float16), np.zeros(shape, dtype=np.float16)
-        for z, slab in predict_slabs(np.ascontiguousarray(image[sl])[None, None]):
+        tile = np.ascontiguousarray(image[sl])[None, None]
+        background = skip_tile(tile) if skip_tile is not None else None
+        if background is not None:
+            for b in mine:
+                target = blocks[b][0][(0, slice(0, b[1] - b[0]), *sl[1:])]
+                np.add(target, gauss32[b[0] - z0:b[1] - z0] * np.float32(background), out=target, casting="unsafe")
+        for z, slab in predict_slabs(tile) if background is None else ():
             lo, hi = z0 + z, z0 + z + slab.shape[1]
             for b in mine:
                 a, e = max(lo, b[0]), min(hi, b[1])

@@ -10,6 +10,7 @@ import pandas as pd
 
 from common.pipeline.run import STAGES
 from common.variants.choice import VariantChoice
+from common.reports.caveats import weights_caveat
 from common.production.cold_start import reproduce_command
 from common.production.sweeps import latency_table
 from common.core.topology import Topology, format_cpu_list, plan_worker_cpusets
@@ -43,6 +44,14 @@ def recommend(latency: pd.DataFrame, throughput: pd.DataFrame, cold: pd.DataFram
     ok_lat = table[table.status == "ok"] if not table.empty else table
     if ok_tp.empty or ok_lat.empty:
         return None
+    # Only what selection.py's rule allows is recommended: an exact-tier variant or choice.approximate (Dice vs
+    # vanilla >= APPROX_DICE_MIN on every case of 05's run); a drifting row measured with --variants never is.
+    allowed = (ok_tp.tier == "exact") | (ok_tp.variant == choice.approximate) if "tier" in ok_tp else None
+    refused = sorted(set(ok_tp.variant[~allowed])) if allowed is not None else []
+    if allowed is not None and allowed.any():
+        ok_tp = ok_tp[allowed]
+    else:
+        refused = []
     best = ok_tp.sort_values("cases_per_hour", ascending=False).iloc[0]
     variant = best.variant
     lat_v = ok_lat[ok_lat.variant == variant].sort_values("median_s")
@@ -78,13 +87,16 @@ def recommend(latency: pd.DataFrame, throughput: pd.DataFrame, cold: pd.DataFram
         ex = ok_lat[ok_lat.variant == choice.exact].sort_values("median_s")
         if not ex.empty:
             ratio = ex.iloc[0].median_s / ap.median_s
-            parity = choice.table.set_index("variant").parity.get(choice.approximate, np.nan) \
-                if not choice.table.empty else np.nan
+            row = choice.row(choice.approximate)
+            dice = np.nan if row is None else row.dice_min
             text.append(f"The approximate variant `{choice.approximate}` ran at {ap.median_s:.2f} s "
-                        f"({ratio:.2f}x the exact `{choice.exact}`), with voxel parity "
-                        f"{'not measured' if pd.isna(parity) else f'{parity:.4f}'} vs vanilla in 05: "
-                        + ("use it only where that drift is acceptable." if ratio > 1.0 else
+                        f"({ratio:.2f}x the exact `{choice.exact}`), its mean per-class Dice vs vanilla in 05 "
+                        f"{'not measured' if pd.isna(dice) else f'>= {dice:.4f} on every case'}: "
+                        + ("use it where labels within that Dice of TotalSegmentator's are enough." if ratio > 1.0 else
                            "it is not faster here, keep the exact variant."))
+    if refused:
+        text.append(f"Not recommended whatever their speed: {', '.join(f'`{v}`' for v in refused)} (approximate, "
+                    f"not 05's approximate pick: {choice.approximate_note}).")
     cold_ok = cold[cold.status == "ok"] if not cold.empty else cold
     if not cold_ok.empty:
         c = cold_ok.iloc[0]
@@ -94,9 +106,7 @@ def recommend(latency: pd.DataFrame, throughput: pd.DataFrame, cold: pd.DataFram
                     f"{c.to_first_output_s:.2f} s{warm_s}: keep long-lived pinned workers rather than one process "
                     "per case" + ("." if c.to_first_output_s > 1.2 * (warm.iloc[0].median_s if not warm.empty else 0)
                                   else " (here the difference is small)."))
-    if env.get("weights_kind") == "stand-in":
-        text.append("These are speed numbers with stand-in weights: the layout advice holds, the labels are not "
-                    "clinically meaningful.")
+    text.append(weights_caveat(env.get("weights_kind")))
     return Recommendation(variant, best.tier, int(best.workers), int(best.threads), cpusets,
                           float(best.cases_per_hour), int(fastest.threads), lat_cpus, float(fastest.median_s),
                           best.source, text)

@@ -85,9 +85,12 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
             "network_s": ok["network_s"].median() if "network_s" in ok and ok["network_s"].notna().any() else np.nan,
             "speedup": speedups.get((impl, variant), np.nan),
             "parity_agreement": ok.parity_agreement.mean(), "parity_agreement_min": ok.parity_agreement.min(),
-            "parity_dice": ok.parity_dice.mean(), "dice_gt_mean": ok.dice_gt_mean.mean(),
+            "parity_dice": ok.parity_dice.mean(),
+            "parity_dice_min": ok.groupby("case_id").parity_dice.mean().min(skipna=False) if len(ok) else np.nan,
+            "dice_gt_mean": ok.dice_gt_mean.mean(),
             "dice_gt_spleen": ok.dice_gt_spleen.mean(), "peak_rss_mb": ok.peak_rss_mb.median(),
             "threads": int(group.threads.iloc[0]) if group.threads.notna().any() else None,
+            "weights_kind": _kind(group),
         })
     table = pd.DataFrame(lines)
     if not table.empty:
@@ -97,11 +100,22 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _gt(value) -> str:
-    """Dice vs ground truth, or `n/a (stand-in)`: on random weights it is a meaningless number."""
+def _kind(group: pd.DataFrame):
+    """The weights kind of a group's rows (the last one recorded), or None."""
+    if "weights_kind" not in group:
+        return None
+    kinds = group.weights_kind.dropna().astype(str)
+    kinds = kinds[kinds != ""]
+    return kinds.iloc[-1] if len(kinds) else None
+
+
+def _gt(value, kind=None) -> str:
+    """Dice vs ground truth, or `n/a (stand-in)`: on random weights it is a meaningless number. `kind`: the row's
+    own run's weights kind where known (its `weights_kind`), else the exported model's."""
     from common.model.weights import random_weights
 
-    return "n/a (stand-in)" if random_weights() else number(value, 4)
+    stand_in = kind == "stand-in" if isinstance(kind, str) and kind else random_weights()
+    return "n/a (stand-in)" if stand_in else number(value, 4)
 
 
 def header_lines(title: str, frame: pd.DataFrame, environment: dict | None = None) -> list[str]:
@@ -126,7 +140,7 @@ def key_results_table(summary: pd.DataFrame) -> list[str]:
         lines.append(
             f"| {LABELS.get(r.implementation, r.implementation)} | {r.variant or '–'} | {r.tier} | "
             f"{number(r.median_s)} | {number(r.p25_s)}–{number(r.p75_s)} | {number(r.speedup, 2, 'x')} | "
-            f"{number(r.parity_agreement, 5)} / {number(r.parity_dice, 4)} | {_gt(r.dice_gt_mean)} | "
+            f"{number(r.parity_agreement, 5)} / {number(r.parity_dice, 4)} | {_gt(r.dice_gt_mean, r.get('weights_kind'))} | "
             f"{number(r.peak_rss_mb, 0)} | {r.cases}{' (' + str(r.errors) + ' errors)' if r.errors else ''} |")
     return lines
 
@@ -147,7 +161,7 @@ def per_case_table(frame: pd.DataFrame) -> list[str]:
         status = r.status if r.status == "ok" else f"error: {r.error}"
         lines.append(f"| {r.case_id} | {r.implementation} | {r.variant if isinstance(r.variant, str) else '–'} | "
                      f"{status} | {number(r.wall_s)} | {number(r.n_tiles, 0)} | {number(r.peak_rss_mb, 0)} | "
-                     f"{number(r.parity_agreement, 5)} | {_gt(r.dice_gt_mean)} |")
+                     f"{number(r.parity_agreement, 5)} | {_gt(r.dice_gt_mean, r.get('weights_kind'))} |")
     return lines
 
 
@@ -173,9 +187,12 @@ def best_variant_lines(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
     for tier, r in picks:
         lines.append(f"| {tier} | {r.variant} | {number(r.median_s)} | {number(r.speedup, 2, 'x')} | "
                      f"{number(r.parity_agreement, 5)} / {number(r.parity_dice, 4)} | {number(r.peak_rss_mb, 0)} |")
+    from common.reports.caveats import approximate_pick_line, run_weights_kind
+
+    if not any(tier == "approximate" for tier, _ in picks):
+        lines.append("| approximate | none kept Dice vs vanilla >= 0.99 on every case | – | – | – | – |")
     lines += ["", f"Exact-tier pick: the fastest exact variant with a measured agreement >= {PARITY_MIN}. "
-              "Approximate rows change the math: with stand-in weights their parity is drift only "
-              "(details: optimized_report.md)."]
+              + approximate_pick_line(run_weights_kind(frame)) + " Verdicts: optimized_report.md."]
     return lines
 
 
@@ -215,7 +232,7 @@ def study_table(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
         if len(cpu):
             env += f", {cpu[0]}"
         name = LABELS.get(r.implementation, r.implementation) + (f" `{r.variant}`" if r.variant else "")
-        lines.append(f"| {name} ({r.tier}) | {number(r.median_s)} | {number(r.parity_dice, 4)} / {_gt(r.dice_gt_mean)} | "
+        lines.append(f"| {name} ({r.tier}) | {number(r.median_s)} | {number(r.parity_dice, 4)} / {_gt(r.dice_gt_mean, r.get('weights_kind'))} | "
                      f"{number(r.speedup, 2, 'x')} | {env} |")
     return lines
 

@@ -57,7 +57,8 @@ def resolve_model(model: str | Path | None) -> Path:
 
     `None`/"plain" (or "fp32") = the exported model; "precise_norm" (EXACT_MODEL) = the same with short-block
     InstanceNorm sums (common/model/precise_norm.py); "int8" = its calibrated QDQ copy
-    (common/model/quantize.py): each checked against the checkpoint model_info.json names (stale models/ are
+    (common/model/quantize.py); "int8_mixed" = the same with its most sensitive convolutions kept float
+    (common/model/int8_mixed.py): each checked against the checkpoint model_info.json names (stale models/ are
     refused). A path = that file as it is (tests, one-off runs). Every one must be the static patch model
     (common/model/onnx_meta.py).
     """
@@ -70,6 +71,14 @@ def resolve_model(model: str | Path | None) -> Path:
 
         check_current_model()
         return ensure_precise_norm_model()
+    if model == "int8_mixed":
+        from common.model.int8_mixed import INT8_MIXED_MODEL
+
+        check_current_model()
+        if not INT8_MIXED_MODEL.is_file():
+            raise BackendUnavailable(f"INT8 mixed model {INT8_MIXED_MODEL.name} missing: run "
+                                     "`python 05_optimized_python_benchmark.py --calibrate` first")
+        return INT8_MIXED_MODEL
     if model == "int8":
         from common.model.quantize import INT8_MODEL
 

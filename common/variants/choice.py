@@ -1,5 +1,10 @@
-"""06: which variants to measure: the fastest exact one (within the parity bound) and the fastest approximate
-one of 05's results, else the fallback variant."""
+"""06 and the tool: which variants to run: the fastest exact one (agreement >= PARITY_MIN) and the fastest
+approximate one whose Dice vs vanilla is >= APPROX_DICE_MIN on every case of 05's results (selection.py's rule),
+else the fallback variant (exact) and no approximate one.
+
+`VariantChoice.exact` is what runs by default; `VariantChoice.approximate` is None unless an approximation keeps
+the labels, so advice built from it (`--variant NAME` for a faster run) never names a drifting row;
+`approximate_note` is the one line to show for it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.core import paths
-from common.variants.selection import FALLBACK_VARIANT, PARITY_MIN, best_variants, per_variant
+from common.variants.selection import APPROX_DICE_MIN, FALLBACK_VARIANT, PARITY_MIN, best_variants, per_variant
 
 
 @dataclass
@@ -17,6 +22,13 @@ class VariantChoice:
     approximate: str | None
     note: str
     table: pd.DataFrame = field(default_factory=pd.DataFrame)  # 05's per-variant medians, if any
+    approximate_note: str = f"no approximate variant kept Dice vs vanilla >= {APPROX_DICE_MIN} on every case"
+
+    def row(self, name: str | None) -> pd.Series | None:
+        """05's per-variant row of `name` (wall_s, parity, dice_min, cases), or None."""
+        if not name or self.table.empty or name not in set(self.table.variant):
+            return None
+        return self.table[self.table.variant == name].iloc[0]
 
 
 def choose_variants(out_dir: Path | None = None) -> VariantChoice:
@@ -43,7 +55,14 @@ def choose_variants(out_dir: Path | None = None) -> VariantChoice:
         best_exact = row.variant
         notes.append(f"best exact variant from {csv.name}: {best_exact} ({row.wall_s:.2f} s median, "
                      f"parity {row.parity:.5f})")
-    best_approx = None if best["approximate"] is None else best["approximate"].variant
-    if best_approx:
-        notes.append(f"best approximate variant: {best_approx} ({best['approximate'].wall_s:.2f} s median)")
-    return VariantChoice(best_exact, best_approx, "; ".join(notes), table)
+    choice = VariantChoice(best_exact, None, "", table)
+    row = best["approximate"]
+    if row is not None:
+        choice.approximate = row.variant
+        choice.approximate_note = (f"fastest approximate variant keeping Dice vs vanilla >= {APPROX_DICE_MIN} on "
+                                   f"every case: {row.variant} ({row.wall_s:.2f} s median, lowest case Dice "
+                                   f"{row.dice_min:.4f}; --variant {row.variant})")
+    else:
+        choice.approximate_note += f" in {csv.name}: none recommended"
+    choice.note = "; ".join(notes + [choice.approximate_note])
+    return choice

@@ -96,6 +96,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("approx_ov_int8", "approximate", "openvino",
             "OpenVINO running the QDQ INT8 model (VNNI/AMX int8 kernels) + EXACT_STAGES",
             {**OV_BF16, "model": "int8"}, EXACT_STAGES),
+    # Issue 23: approximations that keep vanilla's tile grid (Dice vs vanilla >= 0.99 is the bar, selection.py).
+    Variant("approx_ov_f32_air_tiles", "approximate", "openvino",
+            "exact_ov_f32_split_concat, but tiles of vanilla's grid whose whole input is air (< -500 HU) are not "
+            "run: their blend share goes to background (common/pipeline/air_tiles.py); grid unchanged",
+            {**OV_F32, **EXACT, "head_slab": 8, "split_concat": True}, _with(EXACT_STAGES, air_tiles=True)),
+    Variant("approx_ov_int8_f32", "approximate", "openvino",
+            "OpenVINO running the QDQ INT8 model (VNNI/AMX int8 convolutions), every other layer f32 (runs where "
+            "the CPU has no bf16) + EXACT_STAGES", {**OV_F32, "model": "int8"}, EXACT_STAGES),
+    Variant("approx_ov_int8_mixed", "approximate", "openvino",
+            "OpenVINO, INT8 with the convolutions whose quantization costs the most agreement kept f32 (per-layer "
+            "sensitivity on calibration phantoms, common/model/int8_mixed.py) + EXACT_STAGES",
+            {**OV_F32, "model": "int8_mixed"}, EXACT_STAGES),
     Variant("approx_ov_int8_whole", "approximate", "openvino",
             "OpenVINO INT8, body crop, one whole-volume pass", {**OV_BF16, "model": "int8", "whole_volume": True},
             _with(EXACT_STAGES, body_crop=True, whole_volume=True)),
