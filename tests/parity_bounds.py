@@ -59,4 +59,9 @@ APPROXIMATE_MIN = {
     "approx_ov_bf16_whole": 0.93,  # measured 0.95568 (2026-12-01)
     # measured 0.72500 (ORT); 0.72281, 0.72281 (OpenVINO, 2026-12-01)
     "approx_ort_int8": 0.70, "approx_ov_int8": 0.70, "approx_ov_int8_whole": 0.70,
+    # issue 23's variants, measured on the same phantom (stand-in weights, 2026-12-06, Intel Ice Lake):
+    "approx_ov_f32_air_tiles": 0.9999,  # measured 0.99997: no tile of this phantom is all air (the exact row's math)
+    "approx_ov_int8_f32": 0.70,  # measured 0.72563
 }
+# approx_ov_int8_mixed's model is built (minutes) by tests/test_int8_mixed.py's fixture, which holds its floor.
+BUILT_BY_THEIR_OWN_TEST = {"approx_ov_int8_mixed"}

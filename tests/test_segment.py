@@ -52,6 +52,16 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+def assert_one_error_line_each(stderr: str, failed: list[Path]) -> list[str]:
+    """Exactly one `error: <input>: <reason>` line per failed input, each with a reason; returns the lines."""
+    errors = error_lines(stderr)
+    assert len(errors) == len(failed), stderr
+    for path in failed:
+        [line] = [e for e in errors if e.startswith(f"error: {path}: ")]
+        assert len(line) > len(f"error: {path}: ") + 3
+    return errors
+
+
 def test_expand_inputs_folder_and_names(tmp_path):
     (tmp_path / "b.nii.gz").write_bytes(b"x")
     (tmp_path / "a.nii").write_bytes(b"x")
@@ -78,12 +88,7 @@ def test_segment_good_ct_and_bad_inputs(tmp_path, good_ct, onnx_model, threads, 
     proc = subprocess.run(command, capture_output=True, text=True, cwd=paths.REPO_ROOT, timeout=300)
 
     assert proc.returncode == 1, proc.stderr
-    errors = error_lines(proc.stderr)
-    failed = [*bad.values(), tmp_path / "missing.nii.gz"]
-    assert len(errors) == len(failed), proc.stderr
-    for path in failed:
-        [line] = [e for e in errors if e.startswith(f"error: {path}: ")]
-        assert "\n" not in line and len(line) > len(f"error: {path}: ") + 3
+    errors = assert_one_error_line_each(proc.stderr, [*bad.values(), tmp_path / "missing.nii.gz"])
     assert any("no such file" in e for e in errors) and any("truncated" in e for e in errors)
     assert any("NaN" in e for e in errors) and any("3-D" in e for e in errors)
     # Only the good input's output, no temporary or partial files of the others.

@@ -127,18 +127,13 @@ def test_roi_subset_statistics_and_preview_without_torch(tmp_path, small_ct, onn
 
 def test_bad_nifti_inputs_one_line_each_nothing_in_output(tmp_path, small_ct, onnx_model):
     """Folder mode over a folder of bad files plus a missing one: a line each, exit 1, no per-input folder."""
-    from test_segment import make_bad_inputs
+    from test_segment import assert_one_error_line_each, make_bad_inputs
 
     bad = make_bad_inputs(tmp_path / "in", small_ct)
     out = tmp_path / "out"
     proc = tool("-i", tmp_path / "in", tmp_path / "missing.nii.gz", "-o", out, "--no-progress", *VARIANT)
     assert proc.returncode == 1, proc.stderr
-    errors = error_lines(proc.stderr)
-    failed = [*bad.values(), tmp_path / "missing.nii.gz"]
-    assert len(errors) == len(failed), proc.stderr
-    for path in failed:
-        [line] = [e for e in errors if e.startswith(f"error: {path}: ")]
-        assert len(line) > len(f"error: {path}: ") + 3
+    assert_one_error_line_each(proc.stderr, [*bad.values(), tmp_path / "missing.nii.gz"])
     assert "Traceback" not in proc.stderr
     assert os.listdir(out) == []
 

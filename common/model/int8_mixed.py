@@ -144,11 +144,9 @@ def build_int8_mixed_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_
                            float_layers: list[str] | None = None) -> Path:
     """`float_layers`: keep exactly these convolutions float, without the sensitivity pass (tests)."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
 
     from common.model.onnx_meta import require_patch_model
-    from common.model.quantize import CALIBRATION_PATCH, _set_spatial_dims, calibration_patches
+    from common.model.quantize import CALIBRATION_PATCH, _set_spatial_dims, calibration_patches, quantize_on_patches
 
     patches = calibration_patches()
     fp32 = onnx.load(str(source))
@@ -159,17 +157,7 @@ def build_int8_mixed_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_
     small_q = target.with_suffix(".calib_int8.onnx")
     onnx.save(fp32, str(small))
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(patches)
-
-        def get_next(self):
-            item = next(self.items, None)
-            return None if item is None else {name: item}
-
-    quantize_static(str(small), str(small_q), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    op_types_to_quantize=list(QUANTIZED), calibrate_method=CalibrationMethod.MinMax)
+    quantize_on_patches(small, small_q, name, patches, list(QUANTIZED))
     qdq = onnx.load(str(small_q))
     small.unlink(missing_ok=True)
     small_q.unlink(missing_ok=True)

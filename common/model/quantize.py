@@ -49,13 +49,11 @@ def _set_spatial_dims(model, dims) -> None:
     del model.graph.value_info[:]
 
 
-def build_int8_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_MODEL, log=print) -> Path:
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    start = time.perf_counter()
-    patches = calibration_patches()
+def quantize_on_patches(small: Path, small_q: Path, input_name: str, patches: list[np.ndarray],
+                        op_types: list[str]) -> None:
+    """ONNX Runtime's static QDQ quantization of the calibration-size model `small` into `small_q` (uint8
+    activations, per-channel int8 weights, min-max ranges over `patches`): the INT8 and mixed models' one recipe."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -63,22 +61,29 @@ def build_int8_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_MODEL,
 
         def get_next(self):
             item = next(self.items, None)
-            return None if item is None else {name: item}
+            return None if item is None else {input_name: item}
 
+    quantize_static(str(small), str(small_q), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=list(op_types), calibrate_method=CalibrationMethod.MinMax)
+
+
+def build_int8_model(source: Path = paths.ONNX_MODEL, target: Path = INT8_MODEL, log=print) -> Path:
+    import onnx
+
+    start = time.perf_counter()
+    patches = calibration_patches()
     from common.model.onnx_meta import require_patch_model
     from common.model.weights import PATCH_SIZE
 
     model = onnx.load(str(source))
     require_patch_model(model, str(source))  # the one shape rule: the static patch model, nothing else
-    name = model.graph.input[0].name  # read by Reader.get_next
     _set_spatial_dims(model, CALIBRATION_PATCH)
     target.parent.mkdir(parents=True, exist_ok=True)
     small = target.with_suffix(".calib_fp32.onnx")
     small_q = target.with_suffix(".calib_int8.onnx")
     onnx.save(model, str(small))
-    quantize_static(str(small), str(small_q), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    op_types_to_quantize=["Conv", "ConvTranspose"], calibrate_method=CalibrationMethod.MinMax)
+    quantize_on_patches(small, small_q, model.graph.input[0].name, patches, ["Conv", "ConvTranspose"])
     quantized = onnx.load(str(small_q))
     _set_spatial_dims(quantized, PATCH_SIZE)
     entry = quantized.metadata_props.add()
