@@ -78,8 +78,10 @@ def compare(case_id: str, image: Path, threads: int, work: Path, repeats: int = 
     """Rows: case, kind, mode, repeat, tool, wall_s, peak_mb, identical. `rows_path`: each pair is appended there
     (JSON lines) as soon as it is measured, so a long run that is stopped keeps what it measured."""
     from common.core.env import THREAD_ENV
+    from common.model.weights import configure_totalseg_home
 
-    env = {**os.environ, **{var: str(threads) for var in THREAD_ENV}}
+    # TotalSegmentator's CLI must find the suite's weights (TOTALSEG_HOME_DIR), not try to download its own
+    env = {**os.environ, **{var: str(threads) for var in THREAD_ENV}, "TOTALSEG_HOME_DIR": str(configure_totalseg_home())}
     sources = {"nifti": image} if "nifti" in kinds else {}
     if "dicom" in kinds:
         folder = dicom_copy(image, work / "dicom_input")
