@@ -335,8 +335,8 @@ def test_real_pipeline_on_ray(tmp_path, onnx_model, monkeypatch, capsys):
                        "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    rc = segment_main([str(src), "-o", str(tmp_path / "local"), "--variant", "exact_ort_default", "--threads", "1",
-                       "--no-progress"])
+    rc = segment_main([str(src), "-o", str(tmp_path / "local"), "--ml", "--variant", "exact_ort_default", "--threads",
+                       "1", "--no-progress"])  # --ml: one multilabel file, as the Ray engine writes
     assert rc == 0, capsys.readouterr().err
     ray_seg, local_seg = nib.load(tmp_path / "ray" / "phantom.nii.gz"), nib.load(tmp_path / "local" / "phantom.nii.gz")
     np.testing.assert_array_equal(np.asanyarray(ray_seg.dataobj), np.asanyarray(local_seg.dataobj))
