@@ -71,8 +71,19 @@ def test_depth_blocks_cover_the_volume_and_split_at_every_tile_edge():
     assert blocks == [(0, 38), (38, 112), (112, 150)]  # the 8-tile grid: 112 of 150 slices alive at most
 
 
+@pytest.fixture(scope="module")
+def eight_tiles_default(generated_volumes):
+    """The default pipeline's labels on the 8-tile volume with the fake network (computed once for both slab depths)."""
+    from common.model.weights import NUM_CLASSES, PATCH_SIZE
+
+    default = segment_file(generated_volumes["eight_tiles"], None, Backend("fake", _fake_predict(NUM_CLASSES, PATCH_SIZE)),
+                           PipelineConfig())
+    assert len(np.unique(default.labels)) > 3
+    return default.labels
+
+
 @pytest.mark.parametrize("slab_depth", [0, 16])
-def test_exact_stages_streamed_on_eight_tiles(slab_depth, generated_volumes, tmp_path):
+def test_exact_stages_streamed_on_eight_tiles(slab_depth, generated_volumes, eight_tiles_default, tmp_path):
     """EXACT_STAGES (streaming, input released) vs the default pipeline on the 8-tile volume: same labels.
     Fails with `stream_accumulate` blocks finished one tile early, or a label grid from the released input."""
     from common.model.weights import NUM_CLASSES, PATCH_SIZE
@@ -81,12 +92,9 @@ def test_exact_stages_streamed_on_eight_tiles(slab_depth, generated_volumes, tmp
     slabs = _slabs_of(predict, slab_depth) if slab_depth else None
     backend = Backend("fake", predict, predict_slabs=slabs)
     assert EXACT_STAGES.stream_accumulate and EXACT_STAGES.release_input
-    image = generated_volumes["eight_tiles"]
-    default = segment_file(image, None, Backend("fake", predict), PipelineConfig())
-    lean = segment_file(image, tmp_path / "lean.nii.gz", backend, EXACT_STAGES)
+    lean = segment_file(generated_volumes["eight_tiles"], tmp_path / "lean.nii.gz", backend, EXACT_STAGES)
     assert lean.n_tiles == 8
-    np.testing.assert_array_equal(lean.labels, default.labels)
-    assert len(np.unique(default.labels)) > 3
+    np.testing.assert_array_equal(lean.labels, eight_tiles_default)
 
 
 @pytest.fixture(scope="module")

@@ -56,19 +56,21 @@ def _agreement(image, backend, vanilla, tmp_path):
     return agreement, result
 
 
-@pytest.mark.parametrize("name", SHARED + GENERATED)
+# The torch twin runs on every case but the 8-tile one (6.7 min of the suite on 2 cores): a blending mistake moves
+# whole overlap regions, far past EXACT_MIN, so the ONNX baseline on eight_tiles holds the 8-tile claim alone.
+@pytest.mark.parametrize("name", SHARED + [n for n in GENERATED if n != "eight_tiles"])
 def test_torch_twin_reproduces_vanilla(name, ct_input, torch_backend, vanilla, tmp_path):
     image = ct_input(name)
-    agreement, result = _agreement(image, torch_backend, vanilla, tmp_path)
-    if name == "eight_tiles":
-        assert result.n_tiles == 8
+    agreement, _ = _agreement(image, torch_backend, vanilla, tmp_path)
     assert agreement >= TWIN_MIN, f"{name}: pipeline differs from TotalSegmentator ({agreement:.6f})"
 
 
 @pytest.mark.parametrize("name", SHARED + GENERATED)
 def test_onnx_baseline_matches_vanilla(name, ct_input, ort_backend, vanilla, tmp_path):
     image = ct_input(name)
-    agreement, _ = _agreement(image, ort_backend, vanilla, tmp_path)
+    agreement, result = _agreement(image, ort_backend, vanilla, tmp_path)
+    if name == "eight_tiles":
+        assert result.n_tiles == 8
     assert agreement >= EXACT_MIN, f"{name}: ONNX Runtime pipeline agreement {agreement:.6f} < {EXACT_MIN}"
 
 
