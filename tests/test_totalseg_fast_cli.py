@@ -188,14 +188,19 @@ def test_outputs_match_totalsegmentators_own_functions(tmp_path):
         assert got["liver"]["volume"] > 0
 
 
-def test_default_variant_without_05_results_is_the_measured_exact_one(tmp_path):
+def test_default_variant_without_05_results_is_the_measured_exact_one(tmp_path, monkeypatch):
+    from common.runtime import native_kernels
     from common.variants.table import get_variant
-    from totalseg_fast.inputs import MEASURED_EXACT, default_variant
+    from totalseg_fast.inputs import MEASURED_EXACT, MEASURED_EXACT_PORTABLE, default_variant
 
     pytest.importorskip("openvino")
     name, note = default_variant(tmp_path)  # a folder without onnx_optimized_results.csv
-    assert name == MEASURED_EXACT and "no 05 results" in note
-    assert get_variant(name).tier == "exact"
+    expected = MEASURED_EXACT if native_kernels.fused_head_available() else MEASURED_EXACT_PORTABLE
+    assert name == expected and "no 05 results" in note
+    monkeypatch.setattr(native_kernels, "fused_head_available", lambda: False)  # no kernels or no AVX-512
+    name_portable, note = default_variant(tmp_path)
+    assert name_portable == MEASURED_EXACT_PORTABLE and "AVX-512" in note
+    assert get_variant(name).tier == get_variant(name_portable).tier == "exact"
 
 
 def test_tool_vs_totalsegmentator_table_and_identity_check(tmp_path):

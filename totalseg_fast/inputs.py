@@ -40,10 +40,13 @@ def output_for(input_path: Path, out_dir: Path) -> Path:
 
 
 # Without 05's results on this machine the tool still runs an exact variant chosen by what the study measured:
-# OpenVINO f32 with the split skip concatenations was the fastest exact variant at the lowest exact peak memory
-# (3.5x vanilla, 0.31 of its memory, agreement 1.00000 on the 8-tile phantom; 2-core AMD EPYC and Intel Xeon),
-# where OpenVINO is installed; else ONNX Runtime's default session (the suite's FALLBACK_VARIANT).
-MEASURED_EXACT = "exact_ov_f32_split_concat"
+# OpenVINO f32 with the split skip concatenations and the last layer fused into the float16 accumulation was the
+# fastest exact variant, at the lowest exact peak memory (agreement 1.00000, 0.30 of vanilla's memory; 2-core
+# Intel Xeon Ice Lake, docs/speed.md); it needs rust/'s kernels and AVX-512, else the same without the fused head
+# (3.5-3.8x vanilla, 0.31 of its memory on 2-core AMD EPYC and Intel Xeon); without OpenVINO, ONNX Runtime's
+# default session (the suite's FALLBACK_VARIANT).
+MEASURED_EXACT = "exact_ov_f32_fused_head"
+MEASURED_EXACT_PORTABLE = "exact_ov_f32_split_concat"
 
 
 def measured_default() -> tuple[str, str]:
@@ -52,10 +55,16 @@ def measured_default() -> tuple[str, str]:
 
     from common.variants.selection import FALLBACK_VARIANT
 
-    if importlib.util.find_spec("openvino") is not None:
+    if importlib.util.find_spec("openvino") is None:
+        return FALLBACK_VARIANT, f"no 05 results and no OpenVINO here: using {FALLBACK_VARIANT}"
+    from common.runtime import native_kernels
+
+    if native_kernels.fused_head_available():
         return MEASURED_EXACT, (f"no 05 results here: using {MEASURED_EXACT}, the study's fastest exact variant "
                                 "(run 05 to pick the fastest on this machine)")
-    return FALLBACK_VARIANT, f"no 05 results and no OpenVINO here: using {FALLBACK_VARIANT}"
+    return MEASURED_EXACT_PORTABLE, (f"no 05 results here, and {MEASURED_EXACT} cannot run here (it needs rust/'s "
+                                     f"kernels and AVX-512): using {MEASURED_EXACT_PORTABLE}, the study's fastest "
+                                     "exact variant without them (run 05 to pick the fastest on this machine)")
 
 
 def default_variant(out_dir: Path | None = None) -> tuple[str, str]:

@@ -113,7 +113,7 @@ def timed_backend(backend: Backend, timer: StageTimer) -> Backend:
         return run
 
     return replace(backend, predict=timed(backend.predict), labels_any=timed(backend.labels_any),
-                   predict_slabs=timed_slabs(backend.predict_slabs))
+                   predict_slabs=timed_slabs(backend.predict_slabs), predict_features=timed(backend.predict_features))
 
 
 NETWORK_STRIDE = 16  # 4 stride-2 stages: whole-volume inputs are padded to a multiple of this
@@ -195,7 +195,8 @@ def predict_resampled(resampled: np.ndarray, shape_ras: tuple[int, ...], backend
 
             labels_cropped = sliding_window.sliding_window_labels(
                 padded, backend.predict, config.patch, config.step, NUM_CLASSES, on_tile, threads,
-                backend.predict_slabs, skip_air if config.air_tiles else None)[unpad]
+                backend.predict_slabs, skip_air if config.air_tiles else None,
+                (backend.predict_features, *backend.head) if backend.predict_features else None)[unpad]
         elif config.air_tiles:
             raise ValueError("air_tiles needs stream_accumulate (the streaming tile loop)")
         elif config.f16_accumulate:

@@ -14,6 +14,8 @@ from scipy.ndimage import gaussian_filter
 Predict = Callable[[np.ndarray], np.ndarray]  # (1, 1, *patch) float32 -> (1, C, *patch) float32
 # (1, 1, *patch) float32 -> (z0, (C, dz, *patch[1:]) float32) slabs covering the patch's depth
 PredictSlabs = Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]]
+# (predict_features: (1, 1, *patch) -> (F, *patch) float32, weight (C, F), bias (C,)): the last layer run here
+FusedHead = tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, np.ndarray]
 
 
 def tile_steps(image_size: tuple[int, ...], patch: tuple[int, ...], step: float) -> list[list[int]]:
@@ -295,7 +297,8 @@ def _depth_blocks(image_depth: int, patch_depth: int, step: float) -> list[tuple
 def sliding_window_labels(image: np.ndarray, predict: Predict | None, patch: tuple[int, ...], step: float,
                           n_classes: int, on_tile: Callable[[], None] | None = None, threads: int = 1,
                           predict_slabs: PredictSlabs | None = None,
-                          skip_tile: Callable[[np.ndarray], float | None] | None = None) -> np.ndarray:
+                          skip_tile: Callable[[np.ndarray], float | None] | None = None,
+                          fused_head: FusedHead | None = None) -> np.ndarray:
     """uint8 labels of the whole `image`: `divide_argmax(*sliding_window_accumulate(...))`, bit for bit, with the
     float16 accumulator held only for the depth blocks the current tile touches.
 
@@ -306,6 +309,9 @@ def sliding_window_labels(image: np.ndarray, predict: Predict | None, patch: tup
     `skip_tile(tile) -> logit or None` (approximate tier, common/pipeline/air_tiles.py): a tile for which it
     returns a number is not run; its blend share goes to the background class alone (that logit x the Gaussian,
     every other class 0), its Gaussian weight is added as usual: the grid and every other tile are unchanged.
+
+    `fused_head` (predict_features, weight, bias), instead of `predict`/`predict_slabs`: the runtime gives the last
+    features and the last layer runs inside the accumulation (`native_kernels.head_accumulate`): no float32 logits.
     """
     if predict_slabs is None:
         def predict_slabs(patch_input):
@@ -336,15 +342,24 @@ def sliding_window_labels(image: np.ndarray, predict: Predict | None, patch: tup
             for b in mine:
                 target = blocks[b][0][(0, slice(0, b[1] - b[0]), *sl[1:])]
                 np.add(target, gauss32[b[0] - z0:b[1] - z0] * np.float32(background), out=target, casting="unsafe")
-        for z, slab in predict_slabs(tile) if background is None else ():
-            lo, hi = z0 + z, z0 + z + slab.shape[1]
+        elif fused_head is not None:
+            from common.runtime import native_kernels
+
+            predict_features, weight, bias = fused_head
+            features = predict_features(tile)
             for b in mine:
-                a, e = max(lo, b[0]), min(hi, b[1])
-                if a >= e:
-                    continue
-                part = slab if (a, e) == (lo, hi) else np.ascontiguousarray(slab[:, a - lo:e - lo])
-                start = (slice(a - b[0], e - b[0]), *sl[1:])
-                accumulate_tile(blocks[b][0], part, gauss32[a - z0:e - z0], start, threads)
+                native_kernels.head_accumulate(blocks[b][0], (0, sl[1].start, sl[2].start), features,
+                                               (b[0] - z0, b[1] - z0), weight, bias, gauss32, threads)
+        else:
+            for z, slab in predict_slabs(tile):
+                lo, hi = z0 + z, z0 + z + slab.shape[1]
+                for b in mine:
+                    a, e = max(lo, b[0]), min(hi, b[1])
+                    if a >= e:
+                        continue
+                    part = slab if (a, e) == (lo, hi) else np.ascontiguousarray(slab[:, a - lo:e - lo])
+                    start = (slice(a - b[0], e - b[0]), *sl[1:])
+                    accumulate_tile(blocks[b][0], part, gauss32[a - z0:e - z0], start, threads)
         for b in mine:
             blocks[b][1][(slice(0, b[1] - b[0]), *sl[1:])] += gauss[b[0] - z0:b[1] - z0]
         if on_tile:

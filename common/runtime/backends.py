@@ -34,6 +34,10 @@ class Backend:
     # Optional: the patch's logits as (z0, (C, dz, H, W)) slabs along the first spatial axis, each valid until
     # the next; the same values as `predict`, without the 118-channel patch ever existing at once.
     predict_slabs: Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]] | None = None
+    # Optional (the fused head): the patch's last features (F, *patch) float32, valid until the next call, and the
+    # last layer's (weight (C, F), bias (C,)): the pipeline runs that layer inside its float16 accumulation.
+    predict_features: Callable[[np.ndarray], np.ndarray] | None = None
+    head: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def import_runtime(module: str):
@@ -173,7 +177,8 @@ def openvino_config(threads: int, precision: str = "f32") -> dict:
 
 def openvino_backend(threads: int, model: str | Path | None = None, precision: str = "f32",
                      cache_dir: Path | None = paths.MODELS_DIR / "openvino_cache",
-                     whole_volume: bool = False, head_slab: int = 0, split_concat: bool = False) -> Backend:
+                     whole_volume: bool = False, head_slab: int = 0, split_concat: bool = False,
+                     fused_head: bool = False) -> Backend:
     """OpenVINO CPU, one infer request whose output buffer is reused.
 
     `precision`: INFERENCE_PRECISION_HINT, "f32" (exact tier) or "bf16" (AMX/AVX-512 bf16, approximate).
@@ -186,6 +191,9 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
     `split_concat`: each decoder convolution over a skip concatenation runs as two summed convolutions
     (`openvino_graph.split_concat_convs`): the full-resolution concatenation is never allocated; float rounding
     differs from the unsplit model.
+    `fused_head` (patch model): OpenVINO runs every layer but the last (`predict_features`); the last (1x1x1, 32 ->
+    118) runs inside the float16 accumulation (`native_kernels.head_accumulate`), so its 760 MB float32 tile is
+    never written or read back; logits differ from OpenVINO's head by float rounding only.
     """
     ov = import_runtime("openvino")
     model_path = resolve_model(model)
@@ -212,6 +220,8 @@ def openvino_backend(threads: int, model: str | Path | None = None, precision: s
         from common.model.onnx_meta import require_patch_model
 
         require_patch_model(model_path)  # raises, with the shapes it found
+    if fused_head:
+        return _openvino_fused_head(ov, core, net, config, details)
     if head_slab:
         return _openvino_head_slabs(ov, core, net, config, details, head_slab)
     request = core.compile_model(net, "CPU", config).create_infer_request()
@@ -254,6 +264,45 @@ def _openvino_whole_volume(ov, net, config: dict, details: dict, head_slab: int)
 
     details = {**details, "whole_volume": True, **({"head_slab": head_slab} if head_slab else {})}
     return Backend("openvino", None, details, labels_any=labels_any, reuses_output=not head_slab)
+
+
+def _openvino_fused_head(ov, core, net, config: dict, details: dict) -> Backend:
+    """The trunk in OpenVINO, the head as numbers for the pipeline's fused accumulation (`fused_head=True`).
+
+    As with head slabs, the trunk's activations go back to the OS once it has run (the features are its output
+    tensor, owned apart)."""
+    from common.runtime import native_kernels
+
+    if not native_kernels.fused_head_available():
+        raise BackendUnavailable("the fused head needs rust/'s kernels (bash rust/setup.sh) and a CPU with AVX-512")
+    trunk_model, head_model = split_head(ov, net)
+    weight, bias = _head_parameters(head_model)
+    trunk_compiled = core.compile_model(trunk_model, "CPU", config)
+    trunk = trunk_compiled.create_infer_request()
+
+    def predict_features(patch: np.ndarray) -> np.ndarray:
+        memory.return_freed_heap()
+        features = _infer(trunk, patch)[0]
+        trunk_compiled.release_memory()
+        return features
+
+    def predict(patch: np.ndarray) -> np.ndarray:  # whole-patch logits for callers that want them (numpy's head)
+        features = predict_features(patch)
+        logits = np.tensordot(weight, features, axes=(1, 0)) + bias[:, None, None, None]
+        return logits[None].astype(np.float32, copy=False)
+
+    return Backend("openvino", predict, {**details, "fused_head": True}, predict_features=predict_features,
+                   head=(weight, bias))
+
+
+def _head_parameters(head_model) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (C, F), bias (C,)) float32 of `split_head`'s head model (Convolution 1x1x1 + Add)."""
+    add = head_model.get_results()[0].input_value(0).get_node()
+    conv = add.input_value(0).get_node()
+    weight = conv.input_value(1).get_node().get_data()
+    bias = add.input_value(1).get_node().get_data()
+    return (np.ascontiguousarray(weight.reshape(weight.shape[0], weight.shape[1]), dtype=np.float32),
+            np.ascontiguousarray(bias.reshape(-1), dtype=np.float32))
 
 
 def _openvino_head_slabs(ov, core, net, config: dict, details: dict, depth: int) -> Backend:

@@ -34,6 +34,10 @@ def _library():
     lib.tsk_accumulate_tile.argtypes = [ptr, ctypes.c_size_t, _SIZE3, _SIZE3, ptr, ptr, _SIZE3, ctypes.c_size_t]
     lib.tsk_divide_argmax.argtypes = [ptr, ptr, ctypes.c_size_t, _SIZE3, _SIZE3, _SIZE3, ptr, ctypes.c_size_t]
     lib.tsk_accumulate_tile.restype = lib.tsk_divide_argmax.restype = ctypes.c_int
+    if hasattr(lib, "tsk_head_accumulate"):  # a library built before the fused head has only the two above
+        size = ctypes.c_size_t
+        lib.tsk_head_accumulate.argtypes = [ptr, size, _SIZE3, _SIZE3, ptr, size, _SIZE3, size, size, ptr, ptr, ptr, size]
+        lib.tsk_head_accumulate.restype = lib.tsk_head_simd.restype = ctypes.c_int
     return lib
 
 
@@ -79,3 +83,32 @@ def divide_argmax(logits: np.ndarray, weights: np.ndarray, region: tuple[slice, 
     if status < 0:
         raise ValueError(f"native divide_argmax refused region {bounds} of {logits.shape}")
     return None if status & NON_FINITE else labels
+
+
+def fused_head_available() -> bool:
+    """Whether `head_accumulate` runs here: the kernels built with it and a CPU with AVX-512 (its scalar path,
+    kept for the Rust tests, is far too slow for a pipeline)."""
+    lib = _library()
+    return lib is not None and hasattr(lib, "tsk_head_accumulate") and lib.tsk_head_simd() == 1
+
+
+def head_accumulate(logits: np.ndarray, start: tuple[int, ...], features: np.ndarray, rows: tuple[int, int],
+                    weight: np.ndarray, bias: np.ndarray, gauss32: np.ndarray, threads: int) -> None:
+    """The network's last layer (1x1x1 convolution `weight` (C, F) + `bias` (C,)) on patch rows [rows) of
+    `features` (F, *patch) float32, times `gauss32`, added in float16 into `logits` (C, *block) at `start`:
+    `logits[:, start + p] = float16(float32(logits[...]) + (bias + weight @ features[:, p]) * gauss32[p])`,
+    with no (C, *patch) float32 logits in between. The same as `accumulate_tile` after the runtime's head up to
+    the dot product's float rounding (fused multiply-adds from the bias, channel by channel)."""
+    lib = _library()
+    if not fused_head_available():
+        raise RuntimeError("the fused head needs rust/'s kernels (bash rust/setup.sh) and a CPU with AVX-512")
+    n_in = features.shape[0]
+    if not (_c_array(logits, np.float16) and _c_array(features, np.float32) and _c_array(gauss32, np.float32)
+            and _c_array(weight, np.float32) and _c_array(bias, np.float32) and weight.shape == (logits.shape[0], n_in)
+            and bias.shape == (logits.shape[0],) and gauss32.shape == features.shape[1:]):
+        raise ValueError("head_accumulate: arrays of the wrong dtype, layout or shape")
+    status = lib.tsk_head_accumulate(logits.ctypes.data, logits.shape[0], _SIZE3(*logits.shape[1:]), _SIZE3(*start),
+                                     features.ctypes.data, n_in, _SIZE3(*features.shape[1:]), rows[0], rows[1],
+                                     weight.ctypes.data, bias.ctypes.data, gauss32.ctypes.data, threads)
+    if status != 0:
+        raise ValueError(f"native head_accumulate refused rows {rows} at {start} of {logits.shape} (status {status})")

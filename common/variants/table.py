@@ -70,6 +70,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "exact_ov_f32 with each skip concatenation + convolution run as two summed convolutions (split_concat: "
             "no 411 MB full-resolution concatenation; float rounding differs from exact_ov_f32)",
             {**OV_F32, **EXACT, "head_slab": 8, "split_concat": True}, EXACT_STAGES),
+    Variant("exact_ov_f32_fused_head", "exact", "openvino",
+            "exact_ov_f32_split_concat with the last layer (1x1x1, 32 -> 118) run inside the float16 accumulation "
+            "(rust/src/head.rs, AVX-512): no float32 logits written or read back; float rounding differs",
+            {**OV_F32, **EXACT, "fused_head": True, "split_concat": True}, EXACT_STAGES),
     # approximate tier
     Variant("approx_ort_plain_norm", "approximate", "onnxruntime",
             "ONNX Runtime, default session, on the plain export: its one-pass float32 InstanceNorm sums drift from "

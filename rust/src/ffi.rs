@@ -8,6 +8,7 @@
 
 #[allow(dead_code)] // the binary uses the rest of the module
 mod f16;
+mod head;
 mod kernels;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -57,6 +58,43 @@ pub unsafe extern "C" fn tsk_divide_argmax(acc: *const u16, weights: *const u16,
     let labels = slice::from_raw_parts_mut(labels, roi.iter().map(|r| r.len()).product());
     match with_pool(threads, || kernels::divide_argmax(acc, weights, shape, &roi, n_classes, labels)) {
         Some(flags) => flags as i32,
+        None => -1,
+    }
+}
+
+/// 1 where `tsk_head_accumulate` runs its vector path on this CPU, else 0 (then it is too slow to use).
+#[no_mangle]
+pub extern "C" fn tsk_head_simd() -> i32 {
+    head::has_simd() as i32
+}
+
+/// `head::head_accumulate`: the head (weights `n_classes` x `n_in`, bias) on rows [row_lo, row_hi) of one
+/// patch's features (`n_in` x patch, f32), weighted by `gauss` (patch) and added into `acc` (`n_classes` x
+/// shape, half bits) at `start`. -2 without AVX-512 (nothing written).
+#[no_mangle]
+pub unsafe extern "C" fn tsk_head_accumulate(acc: *mut u16, n_classes: usize, shape: *const usize, start: *const usize,
+                                             feat: *const f32, n_in: usize, patch: *const usize, row_lo: usize,
+                                             row_hi: usize, w: *const f32, bias: *const f32, gauss: *const f32,
+                                             threads: usize) -> i32 {
+    let (shape, start, patch) = (dims(shape), dims(start), dims(patch));
+    if !head::has_simd() {
+        return -2;
+    }
+    if row_lo > row_hi || row_hi > patch[0] || start[0] + (row_hi - row_lo) > shape[0]
+        || start[1] + patch[1] > shape[1] || start[2] + patch[2] > shape[2] || n_in == 0 {
+        return -1;
+    }
+    let (voxels, patch_len) = (shape.iter().product::<usize>(), patch.iter().product::<usize>());
+    let head = head::Head {
+        feat: slice::from_raw_parts(feat, n_in * patch_len),
+        patch,
+        w: slice::from_raw_parts(w, n_classes * n_in),
+        bias: slice::from_raw_parts(bias, n_classes),
+        gauss: slice::from_raw_parts(gauss, patch_len),
+    };
+    let acc = slice::from_raw_parts_mut(acc, n_classes * voxels);
+    match with_pool(threads, || head::head_accumulate(acc, shape, start, &head, row_lo..row_hi, true)) {
+        Some(()) => 0,
         None => -1,
     }
 }

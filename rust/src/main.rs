@@ -16,6 +16,8 @@
 #![allow(clippy::needless_range_loop)]
 
 mod f16;
+#[allow(dead_code)] // the Python pipeline's kernel (src/ffi.rs); here for its tests
+mod head;
 mod kernels;
 mod nifti;
 mod orient;
