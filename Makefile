@@ -11,7 +11,7 @@ OPT_ARGS   ?=
 PROD_ARGS  ?= --max-cases 3 --repeats 3
 else
 BENCH_ARGS ?= --repeats 1 --warmup 0 --max-cases 2
-OPT_ARGS   ?= --max-cases 1 --variants exact_ort_tuned_stages,exact_ov_f32,exact_ov_f32_split_concat,approx_ov_f32_onepass_norm,approx_ov_bf16,approx_ov_bf16_bodycrop,approx_ov_bf16_whole,approx_ov_int8_whole,approx_ov_f32_air_tiles,approx_ov_int8_f32,approx_ov_int8_mixed
+OPT_ARGS   ?= --max-cases 1 --variants exact_ort_tuned_stages,exact_ov_f32,exact_ov_f32_split_concat,exact_ov_f32_fused_head,approx_ov_f32_onepass_norm,approx_ov_bf16,approx_ov_bf16_bodycrop,approx_ov_bf16_whole,approx_ov_int8_whole,approx_ov_f32_air_tiles,approx_ov_int8_f32,approx_ov_int8_mixed
 PROD_ARGS  ?=
 endif
 
