@@ -13,7 +13,7 @@ import numpy as np
 
 from common.core import memory, paths
 from common.model.weights import NUM_CLASSES, PATCH_SIZE
-from common.runtime.openvino_graph import split_concat_convs, split_head, with_argmax
+from common.runtime.openvino_graph import head_parameters, split_concat_convs, split_head, with_argmax
 
 
 class BackendUnavailable(RuntimeError):
@@ -275,8 +275,10 @@ def _openvino_fused_head(ov, core, net, config: dict, details: dict) -> Backend:
 
     if not native_kernels.fused_head_available():
         raise BackendUnavailable("the fused head needs rust/'s kernels (bash rust/setup.sh) and a CPU with AVX-512")
-    trunk_model, head_model = split_head(ov, net)
-    weight, bias = _head_parameters(head_model)
+    trunk_model, _ = split_head(ov, net)
+    _, weight, bias = head_parameters(net)
+    weight = np.ascontiguousarray(weight.reshape(weight.shape[:2]), dtype=np.float32)
+    bias = np.ascontiguousarray(bias, dtype=np.float32)
     trunk_compiled = core.compile_model(trunk_model, "CPU", config)
     trunk = trunk_compiled.create_infer_request()
 
@@ -293,16 +295,6 @@ def _openvino_fused_head(ov, core, net, config: dict, details: dict) -> Backend:
 
     return Backend("openvino", predict, {**details, "fused_head": True}, predict_features=predict_features,
                    head=(weight, bias))
-
-
-def _head_parameters(head_model) -> tuple[np.ndarray, np.ndarray]:
-    """(weight (C, F), bias (C,)) float32 of `split_head`'s head model (Convolution 1x1x1 + Add)."""
-    add = head_model.get_results()[0].input_value(0).get_node()
-    conv = add.input_value(0).get_node()
-    weight = conv.input_value(1).get_node().get_data()
-    bias = add.input_value(1).get_node().get_data()
-    return (np.ascontiguousarray(weight.reshape(weight.shape[0], weight.shape[1]), dtype=np.float32),
-            np.ascontiguousarray(bias.reshape(-1), dtype=np.float32))
 
 
 def _openvino_head_slabs(ov, core, net, config: dict, details: dict, depth: int) -> Backend:

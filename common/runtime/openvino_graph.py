@@ -20,6 +20,22 @@ def with_argmax(ov, model):
     return ov.Model([ops.convert(top.output(1), ov.Type.u8).output(0)], model.get_parameters(), "labels")
 
 
+def head_parameters(model):
+    """(features, weight (C, F, 1, 1, 1), bias (C,)) of `model`'s last layer, the 1x1x1 segmentation convolution + bias:
+    `features` is the output that layer reads."""
+    add = model.get_results()[0].input_value(0).get_node()
+    conv = add.input_value(0).get_node()
+    if add.get_type_name() != "Add" or conv.get_type_name() != "Convolution":
+        raise ValueError(f"model does not end in Convolution + Add (found {conv.get_type_name()} + {add.get_type_name()})")
+    weight = conv.input_value(1).get_node().get_data()
+    if weight.shape[2:] != (1, 1, 1):
+        raise ValueError(f"last convolution is {weight.shape[2:]}, not 1x1x1")
+    bias = add.input_value(1).get_node()
+    if bias.get_type_name() == "Reshape":  # the ONNX import's (C,) -> (1, C, 1, 1, 1)
+        bias = bias.input_value(0).get_node()
+    return conv.input_value(0), weight, bias.get_data().reshape(-1)
+
+
 def split_head(ov, model):
     """(trunk, head): `model` cut before its last layer, the 1x1x1 segmentation convolution + bias.
 
@@ -27,22 +43,11 @@ def split_head(ov, model):
     """
     from openvino import opset13 as ops
 
-    add = model.get_results()[0].input_value(0).get_node()
-    conv = add.input_value(0).get_node()
-    if add.get_type_name() != "Add" or conv.get_type_name() != "Convolution":
-        raise ValueError(f"model does not end in Convolution + Add (found {conv.get_type_name()} + {add.get_type_name()})")
-    features = conv.input_value(0)
-    weight = conv.input_value(1).get_node().get_data()
-    if weight.shape[2:] != (1, 1, 1):
-        raise ValueError(f"last convolution is {weight.shape[2:]}, not 1x1x1")
-    bias = add.input_value(1).get_node()
-    if bias.get_type_name() == "Reshape":  # the ONNX import's (C,) -> (1, C, 1, 1, 1)
-        bias = bias.input_value(0).get_node()
-    bias = bias.get_data().reshape(1, -1, 1, 1, 1)
+    features, weight, bias = head_parameters(model)
     trunk = ov.Model([features], model.get_parameters(), "trunk")
     slab = ops.parameter([1, weight.shape[1], -1, -1, -1], ov.Type.f32, name="features")
     logits = ops.convolution(slab, ops.constant(weight), [1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1])
-    return trunk, ov.Model([ops.add(logits, ops.constant(bias))], [slab], "head")
+    return trunk, ov.Model([ops.add(logits, ops.constant(bias.reshape(1, -1, 1, 1, 1)))], [slab], "head")
 
 
 def split_concat_convs(model) -> int:
