@@ -1,5 +1,5 @@
 """Issue 23: one honest approximate pick. The fastest approximate variant whose mean per-class Dice vs vanilla is
->= 0.99 on EVERY case of the run (common/variants/selection.py); SUMMARY.md, 05's report, 06's recommendation and
+>= 0.99 on EVERY case of the run and that runs faster than the exact pick (common/variants/selection.py); SUMMARY.md, 05's report, 06's recommendation and
 the tool's choice (common/variants/choice.py) all name it, and never a drifting row. Each report's caveat follows
 its own run's weights kind (no "stand-in" text on a proxy run)."""
 from __future__ import annotations
@@ -54,6 +54,32 @@ def test_no_kept_row_means_no_pick():
     assert best_variants(per_variant(_frame(spec)))["approximate"] is None
 
 
+def test_a_kept_row_no_faster_than_the_exact_pick_is_not_picked(tmp_path, monkeypatch):
+    """05 on the proxy (2026-12-07): approx_ov_f32_onepass_norm kept Dice 0.998 at 45.4 s while the exact pick ran
+    40.0 s, and was named the approximate pick. An approximation as slow as the exact labels buys nothing."""
+    from common.reports import optimized_report, report
+    from common.variants.choice import choose_variants
+
+    spec = {"exact_a": ("exact", 10.0, [1.0, 1.0]), "kept_but_slow": ("approximate", 10.0, [0.999, 0.998]),
+            "drift_fast": ("approximate", 2.0, [0.90, 0.80])}
+    _register(monkeypatch, spec)
+    frame = _frame(spec)
+    best = best_variants(per_variant(frame))
+    assert best["exact"].variant == "exact_a" and best["approximate"] is None
+    frame[frame.implementation == "onnx_optimized"].to_csv(tmp_path / "onnx_optimized_results.csv", index=False)
+    choice = choose_variants(tmp_path)
+    assert choice.exact == "exact_a" and choice.approximate is None and "faster than the exact pick" in choice.note
+    summary = report.summarize(frame)
+    assert "| approximate | none: " in "\n".join(report.best_variant_lines(summary, frame))
+    summary["speedup_vs_baseline"] = summary["non_network_share"] = np.nan
+    assert "Best approximate: none: " in "\n".join(optimized_report.best_lines(summary, frame))
+    verdicts = "\n".join(optimized_report.verdict_lines(summary, frame))
+    assert "0.9980 | kept (Dice >= 0.99) on every case, but no faster than the exact pick: not picked |" in verdicts
+    # one second faster than the exact pick, and it is the pick
+    spec["kept_but_slow"] = ("approximate", 9.0, [0.999, 0.998])
+    assert best_variants(per_variant(_frame(spec)))["approximate"].variant == "kept_but_slow"
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_a_variant_with_dice_below_099_is_never_picked(seed):
     """Random runs: whatever the speeds and Dice values, the pick's Dice is >= 0.99 on every case, and it is
@@ -62,8 +88,12 @@ def test_a_variant_with_dice_below_099_is_never_picked(seed):
     spec = {f"v{i}": ("approximate", float(rng.uniform(1, 50)),
                       [float(d) for d in rng.choice([0.5, 0.98, 0.989, 0.99, 0.995, 1.0, np.nan], size=2)])
             for i in range(8)}
+    exact_wall = float(rng.uniform(1, 60)) if seed % 2 else None  # odd seeds: with an exact pick to beat
+    if exact_wall is not None:
+        spec["exact_pick"] = ("exact", exact_wall, [1.0, 1.0])
     pick = best_variants(per_variant(_frame(spec)))["approximate"]
-    kept = {k: v for k, v in spec.items() if all(d >= APPROX_DICE_MIN for d in v[2])}  # NaN fails >=
+    kept = {k: v for k, v in spec.items() if v[0] == "approximate" and all(d >= APPROX_DICE_MIN for d in v[2])
+            and (exact_wall is None or v[1] < exact_wall)}  # NaN fails >=
     if not kept:
         assert pick is None
     else:

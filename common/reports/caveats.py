@@ -38,5 +38,6 @@ def approximate_pick_line(kind: str | None) -> str:
     from common.variants.selection import APPROX_DICE_MIN
 
     return (f"Approximate-tier pick: the fastest approximate variant whose mean per-class Dice vs vanilla is >= "
-            f"{APPROX_DICE_MIN} on every case of the run; a drifting row is listed with its verdict, never picked. "
+            f"{APPROX_DICE_MIN} on every case of the run and that runs faster than the exact pick; a drifting row is "
+            "listed with its verdict, never picked. "
             + weights_caveat(kind))

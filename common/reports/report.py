@@ -190,7 +190,9 @@ def best_variant_lines(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
     from common.reports.caveats import approximate_pick_line, run_weights_kind
 
     if not any(tier == "approximate" for tier, _ in picks):
-        lines.append("| approximate | none kept Dice vs vanilla >= 0.99 on every case | – | – | – | – |")
+        from common.variants.selection import NO_APPROXIMATE_PICK
+
+        lines.append(f"| approximate | none: {NO_APPROXIMATE_PICK} | – | – | – | – |")
     lines += ["", f"Exact-tier pick: the fastest exact variant with a measured agreement >= {PARITY_MIN}. "
               + approximate_pick_line(run_weights_kind(frame)) + " Verdicts: optimized_report.md."]
     return lines

@@ -1,5 +1,6 @@
 """06 and the tool: which variants to run: the fastest exact one (agreement >= PARITY_MIN) and the fastest
-approximate one whose Dice vs vanilla is >= APPROX_DICE_MIN on every case of 05's results (selection.py's rule),
+approximate one whose Dice vs vanilla is >= APPROX_DICE_MIN on every case of 05's results and that runs faster
+than the exact one (selection.py's rule),
 else the fallback variant (exact) and no approximate one.
 
 `VariantChoice.exact` is what runs by default; `VariantChoice.approximate` is None unless an approximation keeps
@@ -13,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from common.core import paths
-from common.variants.selection import APPROX_DICE_MIN, FALLBACK_VARIANT, PARITY_MIN, best_variants, per_variant
+from common.variants.selection import (APPROX_DICE_MIN, FALLBACK_VARIANT, NO_APPROXIMATE_PICK, PARITY_MIN,
+                                      best_variants, per_variant)
 
 
 @dataclass
@@ -22,7 +24,7 @@ class VariantChoice:
     approximate: str | None
     note: str
     table: pd.DataFrame = field(default_factory=pd.DataFrame)  # 05's per-variant medians, if any
-    approximate_note: str = f"no approximate variant kept Dice vs vanilla >= {APPROX_DICE_MIN} on every case"
+    approximate_note: str = NO_APPROXIMATE_PICK
 
     def row(self, name: str | None) -> pd.Series | None:
         """05's per-variant row of `name` (wall_s, parity, dice_min, cases), or None."""
